@@ -1,0 +1,39 @@
+"""pgjobs: a job queue for Python that keeps its jobs in PostgreSQL.
+
+Jobs are enqueued inside the application's own transaction, claimed by ``pgjobs work``
+processes with ``FOR UPDATE SKIP LOCKED``, and woken by LISTEN/NOTIFY.
+"""
+
+from pgjobs.app import App
+from pgjobs.errors import (
+    ConfigurationError,
+    DatabaseError,
+    InvalidJobError,
+    InvalidNameError,
+    JobNotFoundError,
+    PayloadError,
+    PgJobsError,
+    SchemaNotReadyError,
+    UnknownTaskError,
+)
+from pgjobs.job import Job, JobState
+from pgjobs.task import Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App",
+    "ConfigurationError",
+    "DatabaseError",
+    "InvalidJobError",
+    "InvalidNameError",
+    "Job",
+    "JobNotFoundError",
+    "JobState",
+    "PayloadError",
+    "PgJobsError",
+    "SchemaNotReadyError",
+    "Task",
+    "UnknownTaskError",
+    "__version__",
+]

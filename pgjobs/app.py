@@ -1,0 +1,338 @@
+"""The App: task registry, database settings, and the calls an application makes."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any, TypeVar, overload
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+from pgjobs.connections import async_connection, sync_connection
+from pgjobs.database import resolve_database_url
+from pgjobs.enqueue import JobSpec, OnDuplicate, Options, Writer, check_max_attempts, check_priority, make_spec
+from pgjobs.errors import ConfigurationError, DatabaseError, JobNotFoundError, UnknownTaskError
+from pgjobs.job import Job
+from pgjobs.queries import Queries
+from pgjobs.settings import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_QUEUE,
+    channel_for,
+    schema_from_env,
+    validate_queue,
+    validate_schema,
+    validate_task_name,
+)
+from pgjobs.task import Task, TaskConfig
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class App:
+    """A pgjobs application: where jobs live and which tasks exist.
+
+    ``database_url`` defaults to ``PGJOBS_DATABASE_URL``, then to the embedded server.
+    ``schema`` defaults to ``PGJOBS_SCHEMA``, then ``pgjobs``. With ``strict_tasks`` (the
+    default) enqueueing by name accepts only registered tasks; a producer that enqueues tasks
+    living in another code base sets it to False.
+    """
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        schema: str | None = None,
+        strict_tasks: bool = True,
+        notify: bool = True,
+        pool_size: int = 10,
+    ) -> None:
+        self.schema = validate_schema(schema) if schema is not None else schema_from_env()
+        self._database_url = database_url
+        self._resolved_url: str | None = None
+        self.strict_tasks = strict_tasks
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        self.queries = Queries(self.schema)
+        self.channel = channel_for(self.schema)
+        self.writer = Writer(self.queries, self.channel, notify)
+        self.pool_size = pool_size
+        self._pool: ConnectionPool | None = None
+        self._async_pool: AsyncConnectionPool | None = None
+        self._lock = threading.Lock()
+
+    # -- configuration -------------------------------------------------------------------
+
+    @property
+    def database_url(self) -> str:
+        """The libpq URL of the database (resolving it, and starting the embedded server,
+        on first use)."""
+        with self._lock:
+            if self._resolved_url is None:
+                self._resolved_url = resolve_database_url(self._database_url)
+        return self._resolved_url
+
+    @overload
+    def task(self, fn: F, /) -> Task[Any, Any]: ...
+    @overload
+    def task(
+        self,
+        *,
+        name: str | None = None,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = 0,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        timeout: float | None = None,
+        retry_on: Sequence[type[BaseException]] = (Exception,),
+        discard_on: Sequence[type[BaseException]] = (),
+        backoff: Callable[[int], float] | None = None,
+    ) -> Callable[[F], Task[Any, Any]]: ...
+
+    def task(
+        self,
+        fn: Callable[..., Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = 0,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        timeout: float | None = None,
+        retry_on: Sequence[type[BaseException]] = (Exception,),
+        discard_on: Sequence[type[BaseException]] = (),
+        backoff: Callable[[int], float] | None = None,
+    ) -> Any:
+        """Register a function as a task: ``@app.task`` or ``@app.task(queue=..., ...)``.
+
+        ``timeout`` is in seconds; ``retry_on`` lists the exception types that retry
+        (others go straight to ``dead``), ``discard_on`` those that never retry;
+        ``backoff(attempt)`` returns the seconds to wait before the next attempt.
+        """
+
+        def register(fn: Callable[..., Any]) -> Task[Any, Any]:
+            task_name = validate_task_name(name or f"{fn.__module__}.{fn.__qualname__}")
+            if task_name in self.tasks:
+                raise ConfigurationError(f"a task named {task_name!r} is already registered")
+            if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
+                raise ConfigurationError(f"timeout must be a positive number of seconds, not {timeout!r}")
+            config = TaskConfig(
+                name=task_name,
+                queue=validate_queue(queue),
+                priority=check_priority(priority),
+                max_attempts=check_max_attempts(max_attempts),
+                timeout=timeout,
+                retry_on=tuple(retry_on),
+                discard_on=tuple(discard_on),
+                backoff=backoff,
+            )
+            task: Task[Any, Any] = Task(self, fn, config)
+            self.tasks[task_name] = task
+            return task
+
+        return register(fn) if fn is not None else register
+
+    # -- enqueue by name -----------------------------------------------------------------
+
+    def enqueue(
+        self,
+        task: str,
+        args: dict[str, Any] | None = None,
+        *,
+        conn: Any = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        run_at: datetime | None = None,
+        delay: float | timedelta | None = None,
+        max_attempts: int | None = None,
+        unique_key: str | None = None,
+        meta: dict[str, Any] | None = None,
+        on_duplicate: OnDuplicate = "existing",
+    ) -> int | None:
+        """Enqueue a job of the task called ``task`` with ``args``; see :meth:`Task.enqueue`."""
+        options = Options.validate(
+            queue=queue, priority=priority, run_at=run_at, delay=delay,
+            max_attempts=max_attempts, unique_key=unique_key, meta=meta,
+            on_duplicate=on_duplicate,
+        )
+        return self._enqueue_specs([self._spec_by_name(task, args or {}, options)], options, conn)[0]
+
+    async def enqueue_async(
+        self,
+        task: str,
+        args: dict[str, Any] | None = None,
+        *,
+        conn: Any = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        run_at: datetime | None = None,
+        delay: float | timedelta | None = None,
+        max_attempts: int | None = None,
+        unique_key: str | None = None,
+        meta: dict[str, Any] | None = None,
+        on_duplicate: OnDuplicate = "existing",
+    ) -> int | None:
+        """The async twin of :meth:`enqueue`."""
+        options = Options.validate(
+            queue=queue, priority=priority, run_at=run_at, delay=delay,
+            max_attempts=max_attempts, unique_key=unique_key, meta=meta,
+            on_duplicate=on_duplicate,
+        )
+        spec = self._spec_by_name(task, args or {}, options)
+        return (await self._enqueue_specs_async([spec], options, conn))[0]
+
+    def enqueue_many(
+        self, task: str, items: Iterable[dict[str, Any]], *, conn: Any = None, **options: Any
+    ) -> list[int | None]:
+        """Enqueue many jobs of the task called ``task``; see :meth:`Task.enqueue_many`."""
+        registered = self.tasks.get(task)
+        if registered is not None:
+            return registered.enqueue_many(items, conn=conn, **options)
+        opts, key = self._by_name_batch(task, options)
+        return self._enqueue_specs([self._spec_by_name(task, a, opts, key) for a in items], opts, conn)
+
+    async def enqueue_many_async(
+        self, task: str, items: Iterable[dict[str, Any]], *, conn: Any = None, **options: Any
+    ) -> list[int | None]:
+        """The async twin of :meth:`enqueue_many`."""
+        registered = self.tasks.get(task)
+        if registered is not None:
+            return await registered.enqueue_many_async(items, conn=conn, **options)
+        opts, key = self._by_name_batch(task, options)
+        specs = [self._spec_by_name(task, a, opts, key) for a in items]
+        return await self._enqueue_specs_async(specs, opts, conn)
+
+    def _by_name_batch(self, task: str, options: dict[str, Any]) -> tuple[Options, Any]:
+        from pgjobs.task import _batch_options
+
+        self._check_task_name(task)
+        key = options.pop("unique_key", None)
+        return _batch_options(options), key
+
+    def _check_task_name(self, task: str) -> None:
+        validate_task_name(task)
+        if self.strict_tasks and task not in self.tasks:
+            known = ", ".join(sorted(self.tasks)) or "none"
+            raise UnknownTaskError(
+                f"no task named {task!r} is registered with this App (registered: {known}); "
+                "pass strict_tasks=False to App to enqueue tasks defined in another code base"
+            )
+
+    def _spec_by_name(
+        self, task: str, args: dict[str, Any], options: Options, unique_key: Any = None
+    ) -> JobSpec:
+        registered = self.tasks.get(task)
+        if registered is not None:
+            return registered._spec(args, options, unique_key)
+        self._check_task_name(task)
+        if unique_key is not None:
+            options = options.with_unique_key(unique_key(args))
+        defaults = {"queue": DEFAULT_QUEUE, "priority": 0, "max_attempts": DEFAULT_MAX_ATTEMPTS}
+        return make_spec(task, args, options, defaults)
+
+    def _enqueue_specs(self, specs: list[JobSpec], options: Options, conn: Any) -> list[int | None]:
+        if not specs:
+            return []
+        if conn is not None:
+            return self.writer.insert(sync_connection(conn), specs, options.on_duplicate)
+        with self.pool.connection() as own:
+            return self.writer.insert(own, specs, options.on_duplicate)
+
+    async def _enqueue_specs_async(self, specs: list[JobSpec], options: Options, conn: Any) -> list[int | None]:
+        if not specs:
+            return []
+        if conn is not None:
+            return await self.writer.insert_async(await async_connection(conn), specs, options.on_duplicate)
+        pool = await self.async_pool()
+        async with pool.connection() as own:
+            return await self.writer.insert_async(own, specs, options.on_duplicate)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def get_job(self, job_id: int, *, conn: Any = None) -> Job:
+        """The job with id ``job_id``; JobNotFoundError if there is none."""
+        if conn is not None:
+            return self._read_job(sync_connection(conn), job_id)
+        with self.pool.connection() as own:
+            return self._read_job(own, job_id)
+
+    async def get_job_async(self, job_id: int, *, conn: Any = None) -> Job:
+        """The async twin of :meth:`get_job`."""
+        if conn is not None:
+            return await self._read_job_async(await async_connection(conn), job_id)
+        pool = await self.async_pool()
+        async with pool.connection() as own:
+            return await self._read_job_async(own, job_id)
+
+    def _read_job(self, conn: psycopg.Connection[Any], job_id: int) -> Job:
+        with conn.cursor(row_factory=dict_row) as cur:
+            row = cur.execute(self.queries.get_job, {"id": job_id}).fetchone()
+        if row is None:
+            raise JobNotFoundError(f"no job with id {job_id}")
+        return Job.from_row(row)
+
+    async def _read_job_async(self, conn: psycopg.AsyncConnection[Any], job_id: int) -> Job:
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(self.queries.get_job, {"id": job_id})
+            row = await cur.fetchone()
+        if row is None:
+            raise JobNotFoundError(f"no job with id {job_id}")
+        return Job.from_row(row)
+
+    # -- connections ---------------------------------------------------------------------
+
+    @property
+    def pool(self) -> ConnectionPool:
+        """pgjobs' own connection pool, opened on first use."""
+        if self._pool is None:
+            url = self.database_url
+            with self._lock:
+                if self._pool is None:
+                    self._pool = _open(ConnectionPool(url, min_size=1, max_size=self.pool_size, open=False))
+        return self._pool
+
+    async def async_pool(self) -> AsyncConnectionPool:
+        """pgjobs' own async connection pool, opened on first use."""
+        if self._async_pool is None:
+            pool = AsyncConnectionPool(self.database_url, min_size=1, max_size=self.pool_size, open=False)
+            try:
+                await pool.open(wait=True, timeout=10)
+            except Exception as exc:
+                await pool.close()
+                raise DatabaseError(f"cannot connect to the database: {exc}") from exc
+            self._async_pool = pool
+        return self._async_pool
+
+    def close(self) -> None:
+        """Close pgjobs' own connections."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    async def aclose(self) -> None:
+        """Close pgjobs' own connections, async pool included."""
+        if self._async_pool is not None:
+            await self._async_pool.close()
+            self._async_pool = None
+        self.close()
+
+    def __enter__(self) -> App:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> App:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def _open(pool: ConnectionPool) -> ConnectionPool:
+    try:
+        pool.open(wait=True, timeout=10)
+    except Exception as exc:
+        pool.close()
+        raise DatabaseError(f"cannot connect to the database: {exc}") from exc
+    return pool

@@ -1,0 +1,158 @@
+"""The ``pgjobs`` command line.
+
+Exit codes: 0 success, 1 a pgjobs error (printed as one line on stderr), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from pgjobs.errors import ConfigurationError, PgJobsError
+from pgjobs.settings import APP_ENV, DATABASE_URL_ENV, SCHEMA_ENV
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+cli = typer.Typer(
+    name="pgjobs",
+    help="pgjobs: a PostgreSQL-backed job queue for Python.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+migrate_cli = typer.Typer(help="Install or upgrade pgjobs' schema (Alembic migrations).", no_args_is_help=True)
+cli.add_typer(migrate_cli, name="migrate")
+
+
+@dataclass
+class Globals:
+    """Options given before the command."""
+
+    database_url: str | None = None
+    app: str | None = None
+    schema: str | None = None
+
+    def url(self) -> str:
+        """The database URL, starting the embedded server when none is configured."""
+        from pgjobs.database import resolve_database_url
+
+        return resolve_database_url(self.database_url)
+
+    def schema_name(self) -> str:
+        """The validated schema name."""
+        from pgjobs.settings import schema_from_env, validate_schema
+
+        return validate_schema(self.schema) if self.schema else schema_from_env()
+
+    def load_app(self, default: str | None = None) -> Any:
+        """The App named by --app / PGJOBS_APP ("module:attribute"), or ``default``."""
+        from pgjobs.app import App
+
+        target = self.app or default
+        if not target:
+            raise ConfigurationError(f"name the application with --app module:attribute or {APP_ENV}")
+        module_name, _, attribute = target.partition(":")
+        sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigurationError(f"cannot import {module_name!r} for --app: {exc}") from exc
+        app = getattr(module, attribute or "app", None)
+        if not isinstance(app, App):
+            raise ConfigurationError(f"{target!r} is not a pgjobs.App")
+        if self.database_url and app._database_url is None:
+            app._database_url = self.database_url
+        return app
+
+
+state = Globals()
+
+
+@cli.callback()
+def main_options(
+    database_url: Annotated[
+        str | None, typer.Option("--database-url", envvar=DATABASE_URL_ENV, help="PostgreSQL URL; the embedded server when unset.")
+    ] = None,
+    app: Annotated[str | None, typer.Option("--app", envvar=APP_ENV, help="The application, as module:attribute.")] = None,
+    schema: Annotated[str | None, typer.Option("--schema", envvar=SCHEMA_ENV, help="pgjobs' schema (default: pgjobs).")] = None,
+) -> None:
+    """Options shared by every command."""
+    state.database_url, state.app, state.schema = database_url, app, schema
+
+
+def reports_errors(fn: F) -> F:
+    """Print a pgjobs error as one line on stderr and exit 1, instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PgJobsError as exc:
+            typer.echo(f"pgjobs: error: {exc}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@migrate_cli.command("upgrade")
+@reports_errors
+def migrate_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Migrate the database up (to the newest revision by default). Safe to repeat."""
+    from pgjobs import migrate
+
+    url, schema = state.url(), state.schema_name()
+    migrate.upgrade(url, schema, revision)
+    typer.echo(f"pgjobs schema {schema!r} is at {migrate.current(url, schema)}")
+
+
+@migrate_cli.command("downgrade")
+@reports_errors
+def migrate_downgrade(revision: Annotated[str, typer.Argument(help="Target revision; 'base' removes pgjobs.")]) -> None:
+    """Migrate the database down to REVISION."""
+    from pgjobs import migrate
+
+    url, schema = state.url(), state.schema_name()
+    migrate.downgrade(url, schema, revision)
+    typer.echo(f"pgjobs schema {schema!r} is at {migrate.current(url, schema) or 'base (removed)'}")
+
+
+@migrate_cli.command("current")
+@reports_errors
+def migrate_current() -> None:
+    """Print the revision the database is at and whether it is the newest."""
+    from pgjobs import migrate
+
+    revision = migrate.current(state.url(), state.schema_name())
+    head = migrate.head()
+    if revision is None:
+        typer.echo(f"not installed (newest: {head})")
+    else:
+        typer.echo(f"{revision}{' (head)' if revision == head else f' (newest: {head})'}")
+
+
+@migrate_cli.command("sql")
+@reports_errors
+def migrate_sql(
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+    down: Annotated[bool, typer.Option("--down", help="Print the downgrade from head to REVISION.")] = False,
+) -> None:
+    """Print the migration DDL without touching a database."""
+    from pgjobs import migrate
+
+    typer.echo(migrate.sql_script(state.schema_name(), revision, down=down), nl=False)
+
+
+def main() -> None:
+    """Entry point of the ``pgjobs`` console script."""
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""SQLAlchemy definitions of pgjobs' tables, mirroring the Alembic migrations.
+
+Applications can query jobs with SQLAlchemy (``select(pgjobs.schema.jobs)``) and keep these
+tables out of their own autogenerate runs (``include_object``). For a schema other than
+``pgjobs``, use ``execution_options(schema_translate_map={"pgjobs": "myschema"})``.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Enum,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+
+from pgjobs.job import JobState
+from pgjobs.settings import DEFAULT_SCHEMA
+
+metadata = MetaData(schema=DEFAULT_SCHEMA)
+
+job_state = Enum(
+    *[state.value for state in JobState],
+    name="job_state",
+    schema=DEFAULT_SCHEMA,
+    metadata=metadata,
+)
+
+_LIVE = "state IN ('scheduled', 'available', 'running', 'retryable', 'pending')"
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("queue", Text, nullable=False, server_default=text("'default'")),
+    Column("task", Text, nullable=False),
+    Column("args", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("state", job_state, nullable=False, server_default=text("'available'")),
+    Column("priority", SmallInteger, nullable=False, server_default=text("0")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("max_attempts", Integer, nullable=False, server_default=text("20")),
+    Column("run_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("worker", Text),
+    Column("lease_token", UUID(as_uuid=True)),
+    Column("errors", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+    Column("result", JSONB),
+    Column("progress", JSONB),
+    Column("unique_key", Text),
+    Column("meta", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    CheckConstraint("queue ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$'", name="jobs_queue_name"),
+    CheckConstraint("length(task) BETWEEN 1 AND 255", name="jobs_task_name"),
+    CheckConstraint("priority BETWEEN -100 AND 100", name="jobs_priority_range"),
+    CheckConstraint(
+        "attempts >= 0 AND max_attempts >= 1 AND attempts <= max_attempts",
+        name="jobs_attempts_range",
+    ),
+    CheckConstraint(
+        "(state = 'running') = (lease_token IS NOT NULL)", name="jobs_lease_only_while_running"
+    ),
+    CheckConstraint(
+        "state <> 'running' OR (worker IS NOT NULL AND started_at IS NOT NULL)",
+        name="jobs_running_has_worker",
+    ),
+    CheckConstraint(
+        "(state IN ('succeeded', 'dead', 'cancelled')) = (finished_at IS NOT NULL)",
+        name="jobs_finished_iff_final",
+    ),
+    CheckConstraint("jsonb_typeof(args) = 'object'", name="jobs_args_object"),
+    CheckConstraint("jsonb_typeof(meta) = 'object'", name="jobs_meta_object"),
+    CheckConstraint("jsonb_typeof(errors) = 'array'", name="jobs_errors_array"),
+)
+
+Index(
+    "jobs_runnable_idx",
+    jobs.c.queue,
+    jobs.c.priority,
+    jobs.c.run_at,
+    jobs.c.id,
+    postgresql_where=text("state IN ('available', 'scheduled', 'retryable')"),
+)
+Index(
+    "jobs_unique_key_idx",
+    jobs.c.unique_key,
+    unique=True,
+    postgresql_where=text(f"unique_key IS NOT NULL AND {_LIVE}"),
+)
+Index("jobs_running_idx", jobs.c.worker, postgresql_where=text("state = 'running'"))
+Index(
+    "jobs_finished_idx",
+    jobs.c.state,
+    jobs.c.finished_at,
+    postgresql_where=text("finished_at IS NOT NULL"),
+)
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("host", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("queues", ARRAY(Text), nullable=False),
+    Column("concurrency", Integer, CheckConstraint("concurrency >= 1"), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column(
+        "last_heartbeat", DateTime(timezone=True), nullable=False, server_default=text("now()")
+    ),
+    Column("jobs_succeeded", BigInteger, nullable=False, server_default=text("0")),
+    Column("jobs_failed", BigInteger, nullable=False, server_default=text("0")),
+    Column("meta", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+)

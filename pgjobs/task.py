@@ -1,0 +1,200 @@
+"""Tasks: functions registered with ``@app.task``, and how they enqueue themselves."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+from pgjobs.enqueue import JobSpec, OnDuplicate, Options, make_spec
+from pgjobs.errors import ConfigurationError, InvalidJobError
+
+if TYPE_CHECKING:
+    from pgjobs.app import App
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Keyword arguments of .enqueue() that are options, not task arguments.
+ENQUEUE_OPTIONS = frozenset(
+    {"conn", "queue", "priority", "run_at", "delay", "max_attempts", "unique_key", "meta",
+     "on_duplicate"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskConfig:
+    """How a task runs: the defaults its jobs get and the worker's policy for them."""
+
+    name: str
+    queue: str
+    priority: int
+    max_attempts: int
+    timeout: float | None = None
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    discard_on: tuple[type[BaseException], ...] = ()
+    backoff: Callable[[int], float] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def defaults(self) -> dict[str, Any]:
+        """The job defaults enqueue falls back to."""
+        return {"queue": self.queue, "priority": self.priority, "max_attempts": self.max_attempts}
+
+
+class Task(Generic[P, R]):
+    """A registered task. Call it to run the function in-process; ``.enqueue()`` to run it
+    on a worker."""
+
+    def __init__(self, app: App, fn: Callable[P, R], config: TaskConfig) -> None:
+        self.app = app
+        self.fn = fn
+        self.config = config
+        self.signature = inspect.signature(fn)
+        self.context_parameter = _context_parameter(self.signature)
+        clashes = ENQUEUE_OPTIONS & set(self.signature.parameters)
+        if clashes:
+            raise ConfigurationError(
+                f"task {config.name!r} has parameter(s) {sorted(clashes)} that clash with "
+                f"enqueue options; rename them"
+            )
+        self.__doc__ = fn.__doc__
+        self.__name__ = getattr(fn, "__name__", config.name)
+        self.__wrapped__ = fn
+
+    @property
+    def name(self) -> str:
+        """The name jobs of this task are stored under."""
+        return self.config.name
+
+    @property
+    def is_async(self) -> bool:
+        """True for ``async def`` tasks."""
+        return inspect.iscoroutinefunction(self.fn)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<pgjobs.Task {self.name} queue={self.config.queue}>"
+
+    def check_args(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``kwargs`` if they bind to the task's parameters, else InvalidJobError."""
+        parameters = [
+            p for name, p in self.signature.parameters.items() if name != self.context_parameter
+        ]
+        try:
+            self.signature.replace(parameters=parameters).bind(**kwargs)
+        except TypeError as exc:
+            raise InvalidJobError(f"bad arguments for task {self.name!r}: {exc}") from None
+        return kwargs
+
+    def enqueue(
+        self,
+        *,
+        conn: Any = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        run_at: datetime | None = None,
+        delay: float | timedelta | None = None,
+        max_attempts: int | None = None,
+        unique_key: str | None = None,
+        meta: dict[str, Any] | None = None,
+        on_duplicate: OnDuplicate = "existing",
+        **kwargs: Any,
+    ) -> int | None:
+        """Enqueue one job with ``kwargs`` as the task's arguments; return its id.
+
+        With ``conn`` the job is written in the caller's transaction and exists once it
+        commits; without it pgjobs commits at once. A ``unique_key`` that a live job holds
+        returns that job's id (or None with ``on_duplicate="none"``).
+        """
+        options = Options.validate(
+            queue=queue, priority=priority, run_at=run_at, delay=delay,
+            max_attempts=max_attempts, unique_key=unique_key, meta=meta,
+            on_duplicate=on_duplicate,
+        )
+        return self.app._enqueue_specs([self._spec(kwargs, options)], options, conn)[0]
+
+    async def enqueue_async(
+        self,
+        *,
+        conn: Any = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        run_at: datetime | None = None,
+        delay: float | timedelta | None = None,
+        max_attempts: int | None = None,
+        unique_key: str | None = None,
+        meta: dict[str, Any] | None = None,
+        on_duplicate: OnDuplicate = "existing",
+        **kwargs: Any,
+    ) -> int | None:
+        """The async twin of :meth:`enqueue` (``conn`` is an async connection or session)."""
+        options = Options.validate(
+            queue=queue, priority=priority, run_at=run_at, delay=delay,
+            max_attempts=max_attempts, unique_key=unique_key, meta=meta,
+            on_duplicate=on_duplicate,
+        )
+        ids = await self.app._enqueue_specs_async([self._spec(kwargs, options)], options, conn)
+        return ids[0]
+
+    def enqueue_many(
+        self,
+        items: Iterable[dict[str, Any]],
+        *,
+        conn: Any = None,
+        unique_key: Callable[[dict[str, Any]], str] | None = None,
+        **options: Any,
+    ) -> list[int | None]:
+        """Enqueue one job per dict of arguments with one statement; return their ids in
+        input order. ``options`` (queue, priority, delay, …) apply to every job;
+        ``unique_key``, if given, derives each job's key from its arguments."""
+        opts = _batch_options(options)
+        specs = [self._spec(args, opts, unique_key) for args in items]
+        return self.app._enqueue_specs(specs, opts, conn)
+
+    async def enqueue_many_async(
+        self,
+        items: Iterable[dict[str, Any]],
+        *,
+        conn: Any = None,
+        unique_key: Callable[[dict[str, Any]], str] | None = None,
+        **options: Any,
+    ) -> list[int | None]:
+        """The async twin of :meth:`enqueue_many`."""
+        opts = _batch_options(options)
+        specs = [self._spec(args, opts, unique_key) for args in items]
+        return await self.app._enqueue_specs_async(specs, opts, conn)
+
+    def _spec(
+        self,
+        kwargs: dict[str, Any],
+        options: Options,
+        unique_key: Callable[[dict[str, Any]], str] | None = None,
+    ) -> JobSpec:
+        if not isinstance(kwargs, dict):
+            raise InvalidJobError(f"job arguments must be a dict, not {type(kwargs).__name__}")
+        if unique_key is not None:
+            options = options.with_unique_key(unique_key(kwargs))
+        return make_spec(self.name, self.check_args(kwargs), options, self.config.defaults())
+
+
+def _batch_options(options: dict[str, Any]) -> Options:
+    unknown = set(options) - ENQUEUE_OPTIONS
+    if unknown:
+        raise InvalidJobError(f"unknown enqueue option(s): {sorted(unknown)}")
+    return Options.validate(**options)
+
+
+def _context_parameter(signature: inspect.Signature) -> str | None:
+    """The name of the parameter that receives the JobContext, if the task takes one."""
+    for name, parameter in signature.parameters.items():
+        annotation = parameter.annotation
+        if annotation is inspect.Parameter.empty:
+            continue
+        text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+        if text.rsplit(".", 1)[-1] == "JobContext":
+            return name
+    return "ctx" if "ctx" in signature.parameters else None
