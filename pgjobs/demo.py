@@ -1,0 +1,48 @@
+"""The demo ``pgjobs work`` runs when no application is named: a few tasks and a seed.
+
+Shows the shape of a pgjobs application: sync and async tasks, a job that retries, a
+delayed job. Run ``pgjobs work`` and watch the jobs go through; inspect them with psql.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+from pgjobs.app import App
+
+app = App()
+
+
+@app.task(name="demo.greet", queue="demo")
+def greet(name: str) -> str:
+    """A plain function: workers run it in a thread."""
+    time.sleep(0.05)
+    return f"hello, {name}"
+
+
+@app.task(name="demo.resize", queue="demo", max_attempts=3)
+async def resize(image: str, width: int) -> dict[str, Any]:
+    """An async task: workers await it on their event loop."""
+    await asyncio.sleep(0.1)
+    return {"image": image, "width": width}
+
+
+@app.task(name="demo.flaky", queue="demo", max_attempts=4, backoff=lambda attempt: 1.0)
+def flaky(chance: float) -> str:
+    """Fails at random, to show retries with backoff and, when unlucky, the dead state."""
+    if random.random() < chance:
+        raise RuntimeError("the demo's flaky task failed (on purpose)")
+    return "made it"
+
+
+def seed(demo_app: App = app) -> list[int | None]:
+    """Enqueue a handful of demo jobs; return their ids."""
+    ids: list[int | None] = []
+    ids += greet.enqueue_many([{"name": n} for n in ("Ada", "Grace", "Edsger")])
+    ids.append(resize.enqueue(image="cat.png", width=640))
+    ids.append(flaky.enqueue(chance=0.5))
+    ids.append(greet.enqueue(name="later", delay=3))
+    return ids
