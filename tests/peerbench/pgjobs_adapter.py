@@ -35,8 +35,12 @@ class Adapter:
     default_concurrency = 100
 
     def __init__(self, args: Any) -> None:
-        self.settings = {"driver": "psycopg3", "concurrency": args.concurrency,
-                         "claim": "batched to free slots", "completion": "batched"}
+        self.settings = {
+            "driver": "psycopg3",
+            "concurrency": args.concurrency,
+            "claim": "batched to free slots",
+            "completion": "batched",
+        }
 
     def version(self) -> str:
         return pgjobs.__version__
@@ -54,13 +58,31 @@ class Adapter:
             noop.enqueue_many([{"p": p} for p in payloads[k : k + chunk]])
 
     def worker_argv(self, concurrency: int) -> list[str]:
-        return [sys.executable, "-m", "pgjobs", "--database-url", URL, "--app", "pgjobs_adapter:app",
-                "work", "--queues", "default", "--concurrency", str(concurrency),
-                "--log-level", "WARNING"]
+        return [
+            sys.executable,
+            "-m",
+            "pgjobs",
+            "--database-url",
+            URL,
+            "--app",
+            "pgjobs_adapter:app",
+            "work",
+            "--queues",
+            "default",
+            "--concurrency",
+            str(concurrency),
+            "--log-level",
+            "WARNING",
+        ]
 
     def post_check(self) -> dict[str, str]:
-        return {"states": bc.psql("SELECT string_agg(state || '=' || c, ',') FROM "
-                                  "(SELECT state, count(*) c FROM pgjobs.jobs GROUP BY 1) s", DB)}
+        return {
+            "states": bc.psql(
+                "SELECT string_agg(state || '=' || c, ',') FROM "
+                "(SELECT state, count(*) c FROM pgjobs.jobs GROUP BY 1) s",
+                DB,
+            )
+        }
 
     def server_pid(self) -> int | None:
         return bc.pg_server_pid()
