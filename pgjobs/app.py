@@ -12,8 +12,17 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from pgjobs.connections import async_connection, sync_connection
-from pgjobs.database import resolve_database_url
-from pgjobs.enqueue import JobSpec, OnDuplicate, Options, Writer, check_max_attempts, check_priority, make_spec
+from pgjobs.database import CONNECT_TIMEOUT, connect, connect_async, resolve_database_url
+from pgjobs.enqueue import (
+    JobSpec,
+    OnDuplicate,
+    Options,
+    Writer,
+    check_max_attempts,
+    check_priority,
+    make_spec,
+    schema_errors,
+)
 from pgjobs.errors import ConfigurationError, DatabaseError, JobNotFoundError, UnknownTaskError
 from pgjobs.job import Job
 from pgjobs.queries import Queries
@@ -207,7 +216,7 @@ class App:
 
         self._check_task_name(task)
         key = options.pop("unique_key", None)
-        return _batch_options(options), key
+        return _batch_options(options, key), key
 
     def _check_task_name(self, task: str) -> None:
         validate_task_name(task)
@@ -265,16 +274,17 @@ class App:
             return await self._read_job_async(own, job_id)
 
     def _read_job(self, conn: psycopg.Connection[Any], job_id: int) -> Job:
-        with conn.cursor(row_factory=dict_row) as cur:
+        with schema_errors(self.queries.schema), conn.cursor(row_factory=dict_row) as cur:
             row = cur.execute(self.queries.get_job, {"id": job_id}).fetchone()
         if row is None:
             raise JobNotFoundError(f"no job with id {job_id}")
         return Job.from_row(row)
 
     async def _read_job_async(self, conn: psycopg.AsyncConnection[Any], job_id: int) -> Job:
-        async with conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(self.queries.get_job, {"id": job_id})
-            row = await cur.fetchone()
+        with schema_errors(self.queries.schema):
+            async with conn.cursor(row_factory=dict_row) as cur:
+                await cur.execute(self.queries.get_job, {"id": job_id})
+                row = await cur.fetchone()
         if row is None:
             raise JobNotFoundError(f"no job with id {job_id}")
         return Job.from_row(row)
@@ -288,12 +298,17 @@ class App:
             url = self.database_url
             with self._lock:
                 if self._pool is None:
+                    # A pool retries a failing server until its timeout and then reports only
+                    # the timeout; one direct attempt first fails fast, with libpq's reason.
+                    connect(url, connect_timeout=CONNECT_TIMEOUT).close()
                     self._pool = _open(ConnectionPool(url, min_size=1, max_size=self.pool_size, open=False))
         return self._pool
 
     async def async_pool(self) -> AsyncConnectionPool:
         """pgjobs' own async connection pool, opened on first use."""
         if self._async_pool is None:
+            # Fail fast with libpq's reason, as the sync pool does.
+            await (await connect_async(self.database_url, connect_timeout=CONNECT_TIMEOUT)).close()
             pool = AsyncConnectionPool(self.database_url, min_size=1, max_size=self.pool_size, open=False)
             try:
                 await pool.open(wait=True, timeout=10)

@@ -11,6 +11,8 @@ from pgjobs.errors import ConfigurationError, DatabaseError
 from pgjobs.settings import DATABASE_URL_ENV
 
 _DRIVER = re.compile(r"^postgres(?:ql)?\+\w+://")
+# Seconds to wait for a server that does not answer (a refused connection fails at once).
+CONNECT_TIMEOUT = 10
 
 
 def resolve_database_url(explicit: str | None = None) -> str:
@@ -55,6 +57,14 @@ def connect(url: str, **kwargs: object) -> psycopg.Connection[object]:
     server cannot be reached."""
     try:
         return psycopg.connect(url, **kwargs)  # type: ignore[arg-type]
+    except psycopg.OperationalError as exc:
+        raise DatabaseError(f"cannot connect to the database: {_one_line(exc)}") from exc
+
+
+async def connect_async(url: str, **kwargs: object) -> psycopg.AsyncConnection[object]:
+    """The async twin of :func:`connect`."""
+    try:
+        return await psycopg.AsyncConnection.connect(url, **kwargs)  # type: ignore[arg-type]
     except psycopg.OperationalError as exc:
         raise DatabaseError(f"cannot connect to the database: {_one_line(exc)}") from exc
 

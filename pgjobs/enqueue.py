@@ -28,6 +28,12 @@ _NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 # A duplicate whose live job finished in between our insert and our look-up is enqueued
 # again; more rounds than this means something else is wrong.
 _UNIQUE_ROUNDS = 5
+# Bounds that keep a valid-looking job from failing in SQL (and aborting the caller's
+# transaction): run_at must stay a representable timestamp, max_attempts an int4, and a
+# unique key short enough for a btree index entry (whose hard limit is about 2.7 kB).
+MAX_DELAY = timedelta(days=36_525)  # a century
+MAX_ATTEMPTS_LIMIT = 2**31 - 1
+UNIQUE_KEY_MAX_BYTES = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +66,7 @@ class Options:
 
     def with_unique_key(self, key: object) -> Options:
         """These options with a per-job unique key (validated)."""
-        if not isinstance(key, str) or not key:
-            raise InvalidJobError(f"unique_key must be a non-empty string, not {key!r}")
-        return replace(self, unique_key=key)
+        return replace(self, unique_key=check_unique_key(key))
 
     @classmethod
     def validate(
@@ -88,8 +92,8 @@ class Options:
             raise InvalidJobError("give run_at or delay, not both")
         if run_at is not None and (not isinstance(run_at, datetime) or run_at.tzinfo is None):
             raise InvalidJobError(f"run_at must be a timezone-aware datetime, not {run_at!r}")
-        if unique_key is not None and (not isinstance(unique_key, str) or not unique_key):
-            raise InvalidJobError(f"unique_key must be a non-empty string, not {unique_key!r}")
+        if unique_key is not None:
+            check_unique_key(unique_key)
         if meta is not None and not isinstance(meta, dict):
             raise InvalidJobError(f"meta must be a dict, not {type(meta).__name__}")
         if on_duplicate not in ("existing", "none"):
@@ -119,10 +123,34 @@ def check_priority(priority: object) -> int:
 
 
 def check_max_attempts(max_attempts: object) -> int:
-    """``max_attempts`` if it is a positive int."""
-    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-        raise InvalidJobError(f"max_attempts must be a positive integer, not {max_attempts!r}")
+    """``max_attempts`` if it is a positive int that the database can store."""
+    if (
+        isinstance(max_attempts, bool)
+        or not isinstance(max_attempts, int)
+        or not 1 <= max_attempts <= MAX_ATTEMPTS_LIMIT
+    ):
+        raise InvalidJobError(
+            f"max_attempts must be an integer from 1 to {MAX_ATTEMPTS_LIMIT}, not {max_attempts!r}"
+        )
     return max_attempts
+
+
+def check_unique_key(key: object) -> str:
+    """``key`` if it is a non-empty string that PostgreSQL can store and index."""
+    if not isinstance(key, str) or not key:
+        raise InvalidJobError(f"unique_key must be a non-empty string, not {key!r}")
+    if "\x00" in key:
+        raise InvalidJobError("unique_key contains a NUL character, which text cannot store")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidJobError("unique_key contains a lone surrogate, not valid Unicode") from None
+    if size > UNIQUE_KEY_MAX_BYTES:
+        raise InvalidJobError(
+            f"unique_key must be at most {UNIQUE_KEY_MAX_BYTES} bytes of UTF-8, not {size}; "
+            "hash a longer key"
+        )
+    return key
 
 
 def _seconds(delay: float | timedelta | None) -> float:
@@ -133,6 +161,8 @@ def _seconds(delay: float | timedelta | None) -> float:
         raise InvalidJobError(f"delay must be a number of seconds or a timedelta, not {delay!r}")
     if seconds < 0:
         raise InvalidJobError(f"delay must not be negative, got {seconds} seconds")
+    if seconds > MAX_DELAY.total_seconds():
+        raise InvalidJobError(f"delay must be at most {MAX_DELAY.days} days, got {seconds} seconds")
     return float(seconds)
 
 
@@ -216,7 +246,7 @@ class Writer:
         ids: list[int | None] = [None] * len(specs)
         for _ in range(_UNIQUE_ROUNDS):
             batch = [specs[i] for i in pending]
-            with _schema_errors(self.queries.schema), conn.cursor() as cur:
+            with schema_errors(self.queries.schema), conn.cursor() as cur:
                 cur.execute(self.queries.insert_jobs, _params(batch, self.channel, self.notify))
                 inserted = _match_inserted(batch, cur.fetchall())
                 keys = [s.unique_key for s, i in zip(batch, inserted, strict=True) if i is None]
@@ -232,7 +262,7 @@ class Writer:
         ids: list[int | None] = [None] * len(specs)
         for _ in range(_UNIQUE_ROUNDS):
             batch = [specs[i] for i in pending]
-            with _schema_errors(self.queries.schema):
+            with schema_errors(self.queries.schema):
                 async with conn.cursor() as cur:
                     await cur.execute(self.queries.insert_jobs, _params(batch, self.channel, self.notify))
                     inserted = _match_inserted(batch, await cur.fetchall())
@@ -274,7 +304,7 @@ class Writer:
 
 
 @contextmanager
-def _schema_errors(schema: str) -> Iterator[None]:
+def schema_errors(schema: str) -> Iterator[None]:
     """Turn 'relation does not exist' into a pointer to ``pgjobs migrate``."""
     try:
         yield

