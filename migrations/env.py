@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 
 from alembic import context
-from pgjobs.migrations import VERSION_TABLE, target_schema
 from sqlalchemy import create_engine, pool, text
 
+from pgjobs.migrations import VERSION_TABLE, target_schema
 from pgjobs.settings import DATABASE_URL_ENV
 
 config = context.config

@@ -259,6 +259,8 @@ def test_application_alembic_history_includes_pgjobs(empty_db_url: str, tmp_path
     with psycopg.connect(empty_db_url) as conn:
         assert conn.execute("SELECT to_regclass('pgjobs.jobs')").fetchone() == (None,)
         assert conn.execute("SELECT to_regclass('public.widgets')").fetchone() == ("widgets",)
+        schemas = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = 'pgjobs'").fetchall()
+        assert schemas == [], "the emptied pgjobs schema is left behind"
 
 
 APP_ENV = """

@@ -8,6 +8,7 @@ Create Date: 2026-11-22
 from __future__ import annotations
 
 from alembic import op
+
 from pgjobs.migrations import ddl
 
 revision = "pgjobs_0001"
@@ -131,6 +132,18 @@ DOWNGRADE = [
     "DROP TABLE IF EXISTS {schema}.workers",
     "DROP TABLE IF EXISTS {schema}.jobs",
     "DROP TYPE IF EXISTS {schema}.job_state",
+    # The schema goes too when nothing is left in it: so it does when an application's own
+    # Alembic history includes these revisions. Under `pgjobs migrate` pgjobs' version table
+    # is still there; `pgjobs migrate downgrade base` removes it and the schema afterwards.
+    """
+    DO $$
+    BEGIN
+        DROP SCHEMA IF EXISTS {schema} RESTRICT;
+    EXCEPTION WHEN dependent_objects_still_exist THEN
+        NULL;
+    END
+    $$
+    """,
 ]
 
 
