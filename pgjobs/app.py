@@ -124,7 +124,9 @@ class App:
             if task_name in self.tasks:
                 raise ConfigurationError(f"a task named {task_name!r} is already registered")
             if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
-                raise ConfigurationError(f"timeout must be a positive number of seconds, not {timeout!r}")
+                raise ConfigurationError(
+                    f"timeout must be a positive number of seconds, not {timeout!r}"
+                )
             config = TaskConfig(
                 name=task_name,
                 queue=validate_queue(queue),
@@ -160,11 +162,18 @@ class App:
     ) -> int | None:
         """Enqueue a job of the task called ``task`` with ``args``; see :meth:`Task.enqueue`."""
         options = Options.validate(
-            queue=queue, priority=priority, run_at=run_at, delay=delay,
-            max_attempts=max_attempts, unique_key=unique_key, meta=meta,
+            queue=queue,
+            priority=priority,
+            run_at=run_at,
+            delay=delay,
+            max_attempts=max_attempts,
+            unique_key=unique_key,
+            meta=meta,
             on_duplicate=on_duplicate,
         )
-        return self._enqueue_specs([self._spec_by_name(task, args or {}, options)], options, conn)[0]
+        return self._enqueue_specs([self._spec_by_name(task, args or {}, options)], options, conn)[
+            0
+        ]
 
     async def enqueue_async(
         self,
@@ -183,8 +192,13 @@ class App:
     ) -> int | None:
         """The async twin of :meth:`enqueue`."""
         options = Options.validate(
-            queue=queue, priority=priority, run_at=run_at, delay=delay,
-            max_attempts=max_attempts, unique_key=unique_key, meta=meta,
+            queue=queue,
+            priority=priority,
+            run_at=run_at,
+            delay=delay,
+            max_attempts=max_attempts,
+            unique_key=unique_key,
+            meta=meta,
             on_duplicate=on_duplicate,
         )
         spec = self._spec_by_name(task, args or {}, options)
@@ -198,7 +212,9 @@ class App:
         if registered is not None:
             return registered.enqueue_many(items, conn=conn, **options)
         opts, key = self._by_name_batch(task, options)
-        return self._enqueue_specs([self._spec_by_name(task, a, opts, key) for a in items], opts, conn)
+        return self._enqueue_specs(
+            [self._spec_by_name(task, a, opts, key) for a in items], opts, conn
+        )
 
     async def enqueue_many_async(
         self, task: str, items: Iterable[dict[str, Any]], *, conn: Any = None, **options: Any
@@ -247,11 +263,15 @@ class App:
         with self.pool.connection() as own:
             return self.writer.insert(own, specs, options.on_duplicate)
 
-    async def _enqueue_specs_async(self, specs: list[JobSpec], options: Options, conn: Any) -> list[int | None]:
+    async def _enqueue_specs_async(
+        self, specs: list[JobSpec], options: Options, conn: Any
+    ) -> list[int | None]:
         if not specs:
             return []
         if conn is not None:
-            return await self.writer.insert_async(await async_connection(conn), specs, options.on_duplicate)
+            return await self.writer.insert_async(
+                await async_connection(conn), specs, options.on_duplicate
+            )
         pool = await self.async_pool()
         async with pool.connection() as own:
             return await self.writer.insert_async(own, specs, options.on_duplicate)
@@ -301,7 +321,9 @@ class App:
                     # A pool retries a failing server until its timeout and then reports only
                     # the timeout; one direct attempt first fails fast, with libpq's reason.
                     connect(url, connect_timeout=CONNECT_TIMEOUT).close()
-                    self._pool = _open(ConnectionPool(url, min_size=1, max_size=self.pool_size, open=False))
+                    self._pool = _open(
+                        ConnectionPool(url, min_size=1, max_size=self.pool_size, open=False)
+                    )
         return self._pool
 
     async def async_pool(self) -> AsyncConnectionPool:
@@ -309,7 +331,9 @@ class App:
         if self._async_pool is None:
             # Fail fast with libpq's reason, as the sync pool does.
             await (await connect_async(self.database_url, connect_timeout=CONNECT_TIMEOUT)).close()
-            pool = AsyncConnectionPool(self.database_url, min_size=1, max_size=self.pool_size, open=False)
+            pool = AsyncConnectionPool(
+                self.database_url, min_size=1, max_size=self.pool_size, open=False
+            )
             try:
                 await pool.open(wait=True, timeout=10)
             except Exception as exc:

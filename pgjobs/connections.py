@@ -19,7 +19,9 @@ def sync_connection(conn: Any) -> psycopg.Connection[Any]:
     if isinstance(conn, psycopg.Connection):
         return conn
     if isinstance(conn, psycopg.AsyncConnection):
-        raise ConfigurationError("an async connection was passed to a sync call: use the *_async variant")
+        raise ConfigurationError(
+            "an async connection was passed to a sync call: use the *_async variant"
+        )
     sa_conn = _sqlalchemy_sync_connection(conn)
     if sa_conn is None:
         raise ConfigurationError(

@@ -11,7 +11,7 @@ import math
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -19,7 +19,7 @@ import psycopg
 
 from pgjobs.errors import InvalidJobError, PayloadError, SchemaNotReadyError
 from pgjobs.queries import Queries
-from pgjobs.settings import PRIORITY_MAX, PRIORITY_MIN, validate_queue, validate_task_name
+from pgjobs.settings import PRIORITY_MAX, PRIORITY_MIN, validate_queue
 
 OnDuplicate = Literal["existing", "none"]
 
@@ -61,7 +61,7 @@ class Options:
     run_at: datetime | None = None
     delay: float = 0.0
     unique_key: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: str = "{}"  # JSON text: one serialisation for a whole batch
     on_duplicate: OnDuplicate = "existing"
 
     def with_unique_key(self, key: object) -> Options:
@@ -97,7 +97,9 @@ class Options:
         if meta is not None and not isinstance(meta, dict):
             raise InvalidJobError(f"meta must be a dict, not {type(meta).__name__}")
         if on_duplicate not in ("existing", "none"):
-            raise InvalidJobError(f"on_duplicate must be 'existing' or 'none', not {on_duplicate!r}")
+            raise InvalidJobError(
+                f"on_duplicate must be 'existing' or 'none', not {on_duplicate!r}"
+            )
         return cls(
             queue=queue,
             priority=priority,
@@ -105,7 +107,7 @@ class Options:
             run_at=run_at,
             delay=_seconds(delay),
             unique_key=unique_key,
-            meta=meta or {},
+            meta=to_json(meta or {}, "job metadata"),
             on_duplicate=on_duplicate,
         )
 
@@ -157,7 +159,11 @@ def _seconds(delay: float | timedelta | None) -> float:
     if delay is None:
         return 0.0
     seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds):
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not math.isfinite(seconds)
+    ):
         raise InvalidJobError(f"delay must be a number of seconds or a timedelta, not {delay!r}")
     if seconds < 0:
         raise InvalidJobError(f"delay must not be negative, got {seconds} seconds")
@@ -181,9 +187,14 @@ def to_json(value: Any, what: str) -> str:
     return text
 
 
-def make_spec(task: str, args: dict[str, Any], options: Options, defaults: dict[str, Any]) -> JobSpec:
-    """A JobSpec from validated options, falling back to the task's ``defaults``."""
-    validate_task_name(task)
+def make_spec(
+    task: str, args: dict[str, Any], options: Options, defaults: dict[str, Any]
+) -> JobSpec:
+    """A JobSpec from validated options, falling back to the task's ``defaults``.
+
+    ``task`` is already validated (at registration, or by the enqueue-by-name path): this
+    runs once per job of a bulk enqueue, so it checks only what differs per job.
+    """
     if not isinstance(args, dict):
         raise InvalidJobError(f"job arguments must be a dict, not {type(args).__name__}")
     if not all(isinstance(key, str) for key in args):
@@ -197,7 +208,7 @@ def make_spec(task: str, args: dict[str, Any], options: Options, defaults: dict[
         run_at=options.run_at,
         delay=options.delay,
         unique_key=options.unique_key,
-        meta=to_json(options.meta, "job metadata"),
+        meta=options.meta,
     )
 
 
@@ -218,7 +229,9 @@ def _params(specs: Sequence[JobSpec], channel: str, notify: bool) -> dict[str, A
     }
 
 
-def _match_inserted(specs: Sequence[JobSpec], rows: list[tuple[int, str | None]]) -> list[int | None]:
+def _match_inserted(
+    specs: Sequence[JobSpec], rows: list[tuple[int, str | None]]
+) -> list[int | None]:
     """Line returned (id, unique_key) rows up with the input: rows come back in input order,
     and an input is missing only when its unique key was already taken."""
     ids: list[int | None] = []
@@ -240,7 +253,9 @@ class Writer:
     channel: str
     notify: bool = True
 
-    def insert(self, conn: psycopg.Connection[Any], specs: Sequence[JobSpec], on_duplicate: OnDuplicate) -> list[int | None]:
+    def insert(
+        self, conn: psycopg.Connection[Any], specs: Sequence[JobSpec], on_duplicate: OnDuplicate
+    ) -> list[int | None]:
         """Insert ``specs`` through ``conn``; duplicates resolve per ``on_duplicate``."""
         pending = list(range(len(specs)))
         ids: list[int | None] = [None] * len(specs)
@@ -250,13 +265,22 @@ class Writer:
                 cur.execute(self.queries.insert_jobs, _params(batch, self.channel, self.notify))
                 inserted = _match_inserted(batch, cur.fetchall())
                 keys = [s.unique_key for s, i in zip(batch, inserted, strict=True) if i is None]
-                existing = dict(cur.execute(self.queries.find_live_unique, {"keys": keys}).fetchall()) if keys else {}
+                existing = (
+                    dict(cur.execute(self.queries.find_live_unique, {"keys": keys}).fetchall())
+                    if keys
+                    else {}
+                )
             pending = self._resolve(specs, pending, inserted, existing, ids, on_duplicate)
             if not pending:
                 return ids
         raise InvalidJobError("unique keys kept changing hands during enqueue; try again")
 
-    async def insert_async(self, conn: psycopg.AsyncConnection[Any], specs: Sequence[JobSpec], on_duplicate: OnDuplicate) -> list[int | None]:
+    async def insert_async(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        specs: Sequence[JobSpec],
+        on_duplicate: OnDuplicate,
+    ) -> list[int | None]:
         """The async twin of :meth:`insert`."""
         pending = list(range(len(specs)))
         ids: list[int | None] = [None] * len(specs)
@@ -264,7 +288,9 @@ class Writer:
             batch = [specs[i] for i in pending]
             with schema_errors(self.queries.schema):
                 async with conn.cursor() as cur:
-                    await cur.execute(self.queries.insert_jobs, _params(batch, self.channel, self.notify))
+                    await cur.execute(
+                        self.queries.insert_jobs, _params(batch, self.channel, self.notify)
+                    )
                     inserted = _match_inserted(batch, await cur.fetchall())
                     keys = [s.unique_key for s, i in zip(batch, inserted, strict=True) if i is None]
                     existing = {}

@@ -19,8 +19,17 @@ R = TypeVar("R")
 
 # Keyword arguments of .enqueue() that are options, not task arguments.
 ENQUEUE_OPTIONS = frozenset(
-    {"conn", "queue", "priority", "run_at", "delay", "max_attempts", "unique_key", "meta",
-     "on_duplicate"}
+    {
+        "conn",
+        "queue",
+        "priority",
+        "run_at",
+        "delay",
+        "max_attempts",
+        "unique_key",
+        "meta",
+        "on_duplicate",
+    }
 )
 
 
@@ -53,6 +62,12 @@ class Task(Generic[P, R]):
         self.config = config
         self.signature = inspect.signature(fn)
         self.context_parameter = _context_parameter(self.signature)
+        # What enqueue checks arguments against: the parameters less the JobContext one.
+        self._job_signature = self.signature.replace(
+            parameters=[
+                p for name, p in self.signature.parameters.items() if name != self.context_parameter
+            ]
+        )
         clashes = ENQUEUE_OPTIONS & set(self.signature.parameters)
         if clashes:
             raise ConfigurationError(
@@ -81,11 +96,8 @@ class Task(Generic[P, R]):
 
     def check_args(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """``kwargs`` if they bind to the task's parameters, else InvalidJobError."""
-        parameters = [
-            p for name, p in self.signature.parameters.items() if name != self.context_parameter
-        ]
         try:
-            self.signature.replace(parameters=parameters).bind(**kwargs)
+            self._job_signature.bind(**kwargs)
         except TypeError as exc:
             raise InvalidJobError(f"bad arguments for task {self.name!r}: {exc}") from None
         return kwargs
@@ -111,8 +123,13 @@ class Task(Generic[P, R]):
         returns that job's id (or None with ``on_duplicate="none"``).
         """
         options = Options.validate(
-            queue=queue, priority=priority, run_at=run_at, delay=delay,
-            max_attempts=max_attempts, unique_key=unique_key, meta=meta,
+            queue=queue,
+            priority=priority,
+            run_at=run_at,
+            delay=delay,
+            max_attempts=max_attempts,
+            unique_key=unique_key,
+            meta=meta,
             on_duplicate=on_duplicate,
         )
         return self.app._enqueue_specs([self._spec(kwargs, options)], options, conn)[0]
@@ -133,8 +150,13 @@ class Task(Generic[P, R]):
     ) -> int | None:
         """The async twin of :meth:`enqueue` (``conn`` is an async connection or session)."""
         options = Options.validate(
-            queue=queue, priority=priority, run_at=run_at, delay=delay,
-            max_attempts=max_attempts, unique_key=unique_key, meta=meta,
+            queue=queue,
+            priority=priority,
+            run_at=run_at,
+            delay=delay,
+            max_attempts=max_attempts,
+            unique_key=unique_key,
+            meta=meta,
             on_duplicate=on_duplicate,
         )
         ids = await self.app._enqueue_specs_async([self._spec(kwargs, options)], options, conn)
