@@ -5,6 +5,7 @@ processes with ``FOR UPDATE SKIP LOCKED``, and woken by LISTEN/NOTIFY.
 """
 
 from pgjobs.app import App
+from pgjobs.context import JobContext
 from pgjobs.errors import (
     ConfigurationError,
     DatabaseError,
@@ -17,23 +18,30 @@ from pgjobs.errors import (
     UnknownTaskError,
 )
 from pgjobs.job import Job, JobState
+from pgjobs.outcomes import Cancel, Retry, Snooze
 from pgjobs.task import Task
+from pgjobs.worker import Worker
 
 __version__ = "0.1.0"
 
 __all__ = [
     "App",
+    "Cancel",
     "ConfigurationError",
     "DatabaseError",
     "InvalidJobError",
     "InvalidNameError",
     "Job",
+    "JobContext",
     "JobNotFoundError",
     "JobState",
     "PayloadError",
     "PgJobsError",
+    "Retry",
     "SchemaNotReadyError",
+    "Snooze",
     "Task",
     "UnknownTaskError",
+    "Worker",
     "__version__",
 ]

@@ -149,6 +149,150 @@ def migrate_sql(
     typer.echo(migrate.sql_script(state.schema_name(), revision, down=down), nl=False)
 
 
+# -- work ---------------------------------------------------------------------------------
+
+DEMO_APP = "pgjobs.demo:app"
+
+
+def _queue_names(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if any("=" in name for name in names):
+        raise typer.BadParameter(
+            "per-queue concurrency (queue=N) is not supported yet; list queue names and set "
+            "--concurrency",
+            param_hint="--queues",
+        )
+    return names
+
+
+def _configure_logging(level: str) -> None:
+    import logging
+
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise typer.BadParameter(f"unknown log level {level!r}", param_hint="--log-level")
+    logging.basicConfig(
+        level=numeric,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s pgjobs[%(process)d] %(name)s: %(message)s",
+    )
+
+
+def _load_work_app() -> tuple[Any, bool]:
+    """The application to work, and whether it is the demo (no --app, no PGJOBS_APP)."""
+    if state.app:
+        return state.load_app(), False
+    typer.echo(
+        f"pgjobs: no --app or {APP_ENV} given: running the demo application ({DEMO_APP}); "
+        "seeding a few demo jobs into its 'demo' queue",
+        err=True,
+    )
+    return state.load_app(DEMO_APP), True
+
+
+@cli.command("work")
+@reports_errors
+def work(
+    queues: Annotated[
+        str | None,
+        typer.Option(
+            "--queues",
+            "-q",
+            help="Queues to work, comma-separated (default: the queues of the app's tasks).",
+        ),
+    ] = None,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", "-c", min=1, help="Jobs run at once per process.")
+    ] = 10,
+    processes: Annotated[
+        int,
+        typer.Option(
+            "--processes",
+            "-p",
+            min=1,
+            help="Worker processes (supervised, restarted when they die).",
+        ),
+    ] = 1,
+    prefetch: Annotated[
+        int,
+        typer.Option("--prefetch", min=0, help="Jobs claimed ahead of free slots, per process."),
+    ] = 0,
+    burst: Annotated[
+        bool,
+        typer.Option(
+            "--burst", help="Exit once the queues have nothing runnable and nothing running."
+        ),
+    ] = False,
+    grace: Annotated[
+        float,
+        typer.Option(
+            "--grace", min=0, help="Seconds running jobs get to finish after SIGTERM/SIGINT."
+        ),
+    ] = 30.0,
+    poll_interval: Annotated[
+        float, typer.Option("--poll-interval", min=0.01, help="Fallback poll, seconds (jittered).")
+    ] = 1.0,
+    heartbeat_interval: Annotated[
+        float, typer.Option("--heartbeat-interval", min=0.05, help="Seconds between heartbeats.")
+    ] = 5.0,
+    heartbeat_timeout: Annotated[
+        float,
+        typer.Option(
+            "--heartbeat-timeout",
+            min=0.2,
+            help="Seconds without heartbeat after which a worker is dead and its jobs are rescued.",
+        ),
+    ] = 30.0,
+    log_level: Annotated[
+        str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
+    ] = "INFO",
+) -> None:
+    """Run jobs: claim them from the queues, run them, record their outcomes.
+
+    SIGTERM/SIGINT: stop claiming, hand back the jobs not started yet, give
+    running jobs --grace seconds, then hand them back too. A second signal
+    exits at once; other workers rescue its jobs when its heartbeat expires.
+
+    Exit status:
+      0    clean stop (a signal, or --burst with no work left)
+      1    pgjobs error (app not found, database unreachable, no schema)
+      2    bad usage
+      128+N  forced by a second signal N (130 SIGINT, 143 SIGTERM)
+    """
+    _configure_logging(log_level)
+    queue_names = _queue_names(queues)
+    app, demo = _load_work_app()
+    if demo:
+        from pgjobs import demo as demo_module
+
+        demo_module.seed(app)
+    if processes > 1:
+        from pgjobs.supervisor import Supervisor, child_argv, child_env
+
+        env = child_env(app.database_url, DEMO_APP if demo else None)
+        supervisor = Supervisor(child_argv(sys.argv[1:]), processes, env, burst=burst)
+        raise typer.Exit(supervisor.run())
+
+    from pgjobs.supervisor import watch_supervisor
+    from pgjobs.worker import Worker
+
+    worker = Worker(
+        app,
+        queue_names,
+        concurrency,
+        prefetch=prefetch,
+        poll_interval=poll_interval,
+        heartbeat_interval=heartbeat_interval,
+        heartbeat_timeout=heartbeat_timeout,
+        grace=grace,
+        burst=burst,
+    )
+    watch_supervisor(worker.stop)
+    worker.run()
+
+
 def main() -> None:
     """Entry point of the ``pgjobs`` console script."""
     cli()

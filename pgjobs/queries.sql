@@ -9,18 +9,19 @@
 
 
 -- name: insert_jobs
--- One statement for one job or fifty thousand: rows arrive as parallel arrays, are inserted
--- in input order (so ids ascend with the input), duplicates of a live unique_key are skipped
--- without an error, and one NOTIFY per queue is queued for delivery at the caller's commit.
+-- One statement for one job or fifty thousand: rows arrive as parallel arrays (sent in
+-- binary, so no per-element escaping), are inserted in input order (so ids ascend with the
+-- input), duplicates of a live unique_key are skipped without an error, and one NOTIFY per
+-- queue is queued for delivery at the caller's commit.
 -- The notification is skipped when the server's notification queue is filling up, so an
 -- application's commit can never fail because of it; workers then find the job by polling.
 WITH input AS (
     SELECT r.ord, r.queue, r.task, r.args::jsonb AS args, r.priority, r.max_attempts,
            coalesce(r.run_at, now() + make_interval(secs => r.delay)) AS run_at,
            r.unique_key, r.meta::jsonb AS meta
-    FROM unnest(%(queue)s::text[], %(task)s::text[], %(args)s::text[], %(priority)s::int2[],
-                %(max_attempts)s::int4[], %(run_at)s::timestamptz[], %(delay)s::float8[],
-                %(unique_key)s::text[], %(meta)s::text[])
+    FROM unnest(%(queue)b::text[], %(task)b::text[], %(args)b::text[], %(priority)b::int2[],
+                %(max_attempts)b::int4[], %(run_at)b::timestamptz[], %(delay)b::float8[],
+                %(unique_key)b::text[], %(meta)b::text[])
          WITH ORDINALITY AS r(queue, task, args, priority, max_attempts, run_at, delay,
                               unique_key, meta, ord)
 ),
@@ -62,3 +63,220 @@ SELECT id, queue, task, args, state, priority, attempts, max_attempts, run_at, c
        started_at, finished_at, worker, lease_token, errors, result, progress, unique_key, meta
 FROM {schema}.jobs
 WHERE id = %(id)s;
+
+
+-- ===== worker =====
+-- Statements of `pgjobs work`. Every write to a job a worker holds is conditioned on the
+-- job's lease_token (fencing): a worker that lost its lease (paused past its heartbeat
+-- timeout, rescued, handed back) changes nothing. Workers never NOTIFY.
+
+
+-- name: claim_jobs
+-- Claim up to %(limit)s runnable jobs of the given queues in one statement. Each queue is
+-- read through its own LATERAL scan of jobs_runnable_idx (queue, priority, run_at, id), so
+-- no backlog is ever sorted. The locking SELECT sits in a MATERIALIZED CTE: the planner
+-- cannot re-run the LIMITed, SKIP LOCKED subquery and claim more rows than asked (a rescan
+-- would skip the rows it just locked and return others). FOR NO KEY UPDATE does not
+-- conflict with the FOR KEY SHARE locks of foreign keys pointing at a job. Rows a LATERAL
+-- scan locked beyond the outer LIMIT are released when the statement ends.
+WITH candidates AS MATERIALIZED (
+    SELECT c.id
+    FROM unnest(%(queues)s::text[]) AS q(name)
+    CROSS JOIN LATERAL (
+        SELECT j.id, j.priority, j.run_at
+        FROM {schema}.jobs AS j
+        WHERE j.queue = q.name
+          AND j.state IN ('available', 'scheduled', 'retryable')
+          AND j.run_at <= now()
+          AND j.attempts < j.max_attempts
+        ORDER BY j.priority, j.run_at, j.id
+        LIMIT %(limit)s
+        FOR NO KEY UPDATE OF j SKIP LOCKED
+    ) AS c
+    ORDER BY c.priority, c.run_at, c.id
+    LIMIT %(limit)s
+)
+UPDATE {schema}.jobs AS j
+SET state = 'running',
+    attempts = j.attempts + 1,
+    worker = %(worker)s,
+    lease_token = gen_random_uuid(),
+    started_at = now()
+FROM candidates
+WHERE j.id = candidates.id
+RETURNING j.id, j.queue, j.task, j.args, j.priority, j.run_at, j.attempts, j.max_attempts,
+          j.lease_token;
+
+
+-- name: finish_jobs
+-- Write the outcomes of a batch of attempts in one statement: succeeded (with result),
+-- retryable/scheduled/available (with a delay), dead, cancelled. `refund` gives an attempt
+-- back (snooze, hand-back on shutdown). Rows are locked in id order first, so two batches
+-- over overlapping jobs (a zombie and the job's new holder) cannot deadlock. The worker's
+-- counters are bumped in the same statement.
+WITH outcome AS (
+    SELECT *
+    FROM unnest(%(id)s::bigint[], %(lease_token)s::uuid[], %(state)s::text[],
+                %(result)s::text[], %(delay)s::float8[], %(error)s::text[], %(refund)s::int4[])
+         AS o(id, lease_token, state, result, delay, error, refund)
+),
+locked AS MATERIALIZED (
+    SELECT j.id
+    FROM {schema}.jobs AS j
+    JOIN outcome AS o ON o.id = j.id AND o.lease_token = j.lease_token
+    WHERE j.state = 'running'
+    ORDER BY j.id
+    FOR NO KEY UPDATE OF j
+),
+finished AS (
+    UPDATE {schema}.jobs AS j
+    SET state = o.state::{schema}.job_state,
+        result = CASE WHEN o.state = 'succeeded' THEN o.result::jsonb ELSE j.result END,
+        run_at = CASE WHEN o.delay IS NULL THEN j.run_at
+                      ELSE now() + make_interval(secs => o.delay) END,
+        errors = CASE WHEN o.error IS NULL THEN j.errors
+                      ELSE j.errors || jsonb_build_array(
+                               o.error::jsonb || jsonb_build_object('at', now())) END,
+        attempts = j.attempts - o.refund,
+        finished_at = CASE WHEN o.state IN ('succeeded', 'dead', 'cancelled') THEN now() END,
+        lease_token = NULL
+    FROM outcome AS o
+    JOIN locked ON locked.id = o.id
+    WHERE j.id = o.id AND j.lease_token = o.lease_token AND j.state = 'running'
+    RETURNING j.id, o.state
+),
+counted AS (
+    UPDATE {schema}.workers
+    SET jobs_succeeded = jobs_succeeded
+                         + (SELECT count(*) FROM finished WHERE state = 'succeeded'),
+        jobs_failed = jobs_failed
+                      + (SELECT count(*) FROM finished WHERE state IN ('retryable', 'dead'))
+    WHERE id = %(worker)s AND EXISTS (SELECT 1 FROM finished)
+)
+SELECT id FROM finished;
+
+
+-- name: set_progress
+-- A running job reports progress; fenced like every other write.
+UPDATE {schema}.jobs
+SET progress = %(progress)s::jsonb
+WHERE id = %(id)s AND lease_token = %(lease_token)s AND state = 'running'
+RETURNING id;
+
+
+-- name: held_leases
+-- Which of these (job, lease) pairs this worker still holds.
+SELECT j.id
+FROM {schema}.jobs AS j
+JOIN unnest(%(id)s::bigint[], %(lease_token)s::uuid[]) AS h(id, lease_token)
+  ON h.id = j.id AND h.lease_token = j.lease_token
+WHERE j.state = 'running';
+
+
+-- name: next_run_at
+-- Seconds (by the database clock) until the earliest waiting job of these queues becomes
+-- runnable (zero or less: due already, e.g. it came due between the claim and this
+-- statement); NULL when none waits. One index probe per queue (jobs_waiting_idx).
+SELECT extract(epoch FROM min(w.run_at) - now())::float8
+FROM unnest(%(queues)s::text[]) AS q(name)
+CROSS JOIN LATERAL (
+    SELECT j.run_at
+    FROM {schema}.jobs AS j
+    WHERE j.queue = q.name AND j.state IN ('scheduled', 'retryable')
+      AND j.attempts < j.max_attempts
+    ORDER BY j.run_at
+    LIMIT 1
+) AS w;
+
+
+-- name: queues_busy
+-- True while these queues have a job that is runnable now or running (--burst exits when
+-- false).
+SELECT EXISTS (
+           SELECT 1
+           FROM unnest(%(queues)s::text[]) AS q(name)
+           CROSS JOIN LATERAL (
+               SELECT 1 FROM {schema}.jobs AS j
+               WHERE j.queue = q.name
+                 AND j.state IN ('available', 'scheduled', 'retryable')
+                 AND j.run_at <= now()
+                 AND j.attempts < j.max_attempts
+               LIMIT 1
+           ) AS r
+       )
+       OR EXISTS (
+           SELECT 1 FROM {schema}.jobs
+           WHERE state = 'running' AND queue = ANY(%(queues)s::text[])
+       );
+
+
+-- name: register_worker
+INSERT INTO {schema}.workers (id, host, pid, queues, concurrency, meta)
+VALUES (%(id)s, %(host)s, %(pid)s, %(queues)s, %(concurrency)s, %(meta)s::jsonb)
+ON CONFLICT (id) DO UPDATE SET last_heartbeat = now();
+
+
+-- name: heartbeat
+-- No row back means this worker was declared dead (its jobs were rescued): it registers
+-- again and checks which leases it still holds.
+UPDATE {schema}.workers
+SET last_heartbeat = now()
+WHERE id = %(id)s
+RETURNING id;
+
+
+-- name: deregister_worker
+DELETE FROM {schema}.workers WHERE id = %(id)s;
+
+
+-- name: rescue_jobs
+-- Return the running jobs of workers whose heartbeat expired (or whose row is gone) to
+-- `available`, counting the lost attempt; a job out of attempts goes `dead` with a
+-- "worker died" error, so a job that kills its worker every time ends in the dead-letter
+-- queue. Expired worker rows are deleted in the same statement. SKIP LOCKED throughout:
+-- live workers running this at the same time split the work instead of waiting on each
+-- other, and a worker heartbeating right now (row locked) is never declared dead.
+WITH expired AS MATERIALIZED (
+    SELECT w.id
+    FROM {schema}.workers AS w
+    WHERE w.last_heartbeat < now() - make_interval(secs => %(timeout)s)
+    ORDER BY w.id
+    FOR UPDATE SKIP LOCKED
+),
+orphans AS MATERIALIZED (
+    SELECT j.id
+    FROM {schema}.jobs AS j
+    WHERE j.state = 'running'
+      AND (j.worker IN (SELECT id FROM expired)
+           OR NOT EXISTS (SELECT 1 FROM {schema}.workers AS w WHERE w.id = j.worker))
+    ORDER BY j.id
+    FOR NO KEY UPDATE OF j SKIP LOCKED
+),
+rescued AS (
+    UPDATE {schema}.jobs AS j
+    SET state = CASE WHEN j.attempts >= j.max_attempts THEN 'dead'
+                     ELSE 'available' END::{schema}.job_state,
+        run_at = now(),
+        lease_token = NULL,
+        finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
+        errors = j.errors || jsonb_build_array(jsonb_build_object(
+            'attempt', j.attempts,
+            'at', now(),
+            'type', 'WorkerDied',
+            'message', format('worker %%s died (no heartbeat for %%s s) while running the job',
+                              j.worker, %(timeout)s),
+            'traceback', NULL,
+            'worker', j.worker))
+    FROM orphans
+    WHERE j.id = orphans.id AND j.state = 'running'
+    RETURNING j.id, j.state
+),
+deleted AS (
+    DELETE FROM {schema}.workers AS w
+    USING expired
+    WHERE w.id = expired.id
+    RETURNING w.id
+)
+SELECT (SELECT count(*) FROM rescued WHERE state = 'available') AS available,
+       (SELECT count(*) FROM rescued WHERE state = 'dead') AS dead,
+       (SELECT count(*) FROM deleted) AS workers;

@@ -1,0 +1,126 @@
+"""``JobContext``: what a running job knows about itself, and how it talks to its worker.
+
+A task receives it by declaring a parameter annotated ``pgjobs.JobContext`` (or named
+``ctx``)::
+
+    @app.task
+    def import_file(path: str, ctx: pgjobs.JobContext) -> int:
+        for i, chunk in enumerate(chunks(path)):
+            if ctx.shutting_down:
+                raise pgjobs.Snooze(0)   # hand the job back; it resumes on another worker
+            ctx.progress(i / total)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pgjobs.enqueue import to_json
+
+ProgressWriter = Callable[[int, uuid.UUID, str], Awaitable[bool]]
+
+# How long a sync task waits for its progress write before giving up on it.
+_PROGRESS_TIMEOUT = 10.0
+
+
+class JobContext:
+    """The running attempt of one job.
+
+    ``id`` is stable across attempts (use it, or :attr:`idempotency_key`, to make side
+    effects idempotent: execution is at least once); ``lease_token`` is unique to this
+    attempt. ``shutting_down`` becomes true when the worker was asked to stop (finish soon,
+    or hand the job back); ``cancelled`` becomes true when the worker gave up on this
+    attempt (timeout, lost lease): its outcome will not be recorded.
+    """
+
+    def __init__(
+        self,
+        *,
+        id: int,
+        attempt: int,
+        max_attempts: int,
+        queue: str,
+        task: str,
+        lease_token: uuid.UUID,
+        worker: str,
+        loop: asyncio.AbstractEventLoop,
+        write_progress: ProgressWriter,
+        shutdown: threading.Event,
+    ) -> None:
+        self.id = id
+        self.attempt = attempt
+        self.max_attempts = max_attempts
+        self.queue = queue
+        self.task = task
+        self.lease_token = lease_token
+        self.worker = worker
+        self._loop = loop
+        self._write_progress = write_progress
+        self._shutdown = shutdown
+        self._cancelled = threading.Event()
+
+    def __repr__(self) -> str:
+        return f"<JobContext job={self.id} task={self.task} attempt={self.attempt}>"
+
+    @property
+    def idempotency_key(self) -> str:
+        """A key that is the same for every attempt of this job."""
+        return f"pgjobs-job-{self.id}"
+
+    @property
+    def is_last_attempt(self) -> bool:
+        """True when a failure of this attempt sends the job to ``dead``."""
+        return self.attempt >= self.max_attempts
+
+    @property
+    def shutting_down(self) -> bool:
+        """True once the worker is shutting down (SIGTERM/SIGINT)."""
+        return self._shutdown.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the worker abandoned this attempt (timeout or lost lease)."""
+        return self._cancelled.is_set()
+
+    def progress(self, value: float | int | str | None, data: Any = None) -> None:
+        """Record progress: a number (or short text) and optional JSON ``data``.
+
+        From a sync task (a worker thread) this waits until the row is written; from an
+        async task it schedules the write and returns at once (``await
+        ctx.progress_async(...)`` to wait). A write is fenced by the lease: after the worker
+        lost the job, it changes nothing.
+        """
+        payload = _payload(value, data)
+        if _on_loop(self._loop):
+            self._loop.create_task(self._write(payload))
+            return
+        future = asyncio.run_coroutine_threadsafe(self._write(payload), self._loop)
+        future.result(timeout=_PROGRESS_TIMEOUT)
+
+    async def progress_async(self, value: float | int | str | None, data: Any = None) -> bool:
+        """Record progress from an async task; True if this attempt still holds the job."""
+        return await self._write(_payload(value, data))
+
+    async def _write(self, payload: str) -> bool:
+        return await self._write_progress(self.id, self.lease_token, payload)
+
+    def _cancel(self) -> None:
+        self._cancelled.set()
+
+
+def _payload(value: float | int | str | None, data: Any) -> str:
+    document: dict[str, Any] = {"value": value}
+    if data is not None:
+        document["data"] = data
+    return to_json(document, "progress values")
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False

@@ -1,0 +1,164 @@
+"""Heartbeats and crash rescue, on a thread of their own.
+
+Every worker process has a row in ``workers`` and refreshes its ``last_heartbeat`` every
+``interval`` seconds from this thread, over its own connection, so that neither a busy event
+loop nor a CPU-bound sync task can delay it (the GIL is handed over every few ms). After each
+heartbeat the same thread runs ``rescue_jobs``: the running jobs of workers silent for more
+than ``timeout`` seconds (or whose row is gone) go back to ``available`` with the lost attempt
+counted, or to ``dead`` when that was their last attempt; the expired rows are deleted.
+Every live worker does this; SKIP LOCKED makes them share the work rather than queue up
+behind each other, and the first to notice a dead worker rescues its jobs.
+
+A worker that finds its own row gone was declared dead (paused past ``timeout``, cut off
+from the database): it registers again and asks its loop to check which leases it still
+holds (``on_lost``), since its jobs may be running elsewhere by now.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from pgjobs.errors import DatabaseError, SchemaNotReadyError
+from pgjobs.queries import Queries
+from pgjobs.worker_db import connect_sync
+
+log = logging.getLogger("pgjobs.maintenance")
+
+APPLICATION_NAME = "pgjobs-heartbeat"
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """What a worker says about itself in its ``workers`` row."""
+
+    id: str
+    host: str
+    pid: int
+    queues: list[str]
+    concurrency: int
+    meta: dict[str, Any]
+
+    def params(self) -> dict[str, Any]:
+        """Parameters of ``register_worker``."""
+        return {
+            "id": self.id,
+            "host": self.host,
+            "pid": self.pid,
+            "queues": self.queues,
+            "concurrency": self.concurrency,
+            "meta": json.dumps(self.meta),
+        }
+
+
+class Maintenance:
+    """The heartbeat-and-rescue thread of one worker process."""
+
+    def __init__(
+        self,
+        url: str,
+        queries: Queries,
+        registration: Registration,
+        *,
+        interval: float,
+        timeout: float,
+        on_lost: Callable[[], None],
+    ) -> None:
+        self.url = url
+        self.queries = queries
+        self.registration = registration
+        self.interval = interval
+        self.timeout = timeout
+        self.on_lost = on_lost
+        self.rescued = 0
+        self._conn: psycopg.Connection[Any] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pgjobs-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        """Register (synchronously: a worker must never claim before its row exists, or a
+        rescuer would take the jobs back), then heartbeat on the thread."""
+        self._conn = self._connect()
+        try:
+            self._conn.execute(self.queries.register_worker, self.registration.params())
+        except psycopg.errors.UndefinedTable as exc:
+            raise SchemaNotReadyError(
+                "pgjobs' tables are missing in this database: run `pgjobs migrate upgrade`"
+            ) from exc
+        self._thread.start()
+
+    def stop(self, deregister: bool = True) -> None:
+        """Stop heartbeating; delete the row when the worker holds no more jobs."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.interval + 5)
+        if deregister:
+            try:
+                self._connection().execute(
+                    self.queries.deregister_worker, {"id": self.registration.id}
+                )
+            except (psycopg.Error, DatabaseError) as exc:
+                log.warning("could not remove this worker's row (it will expire): %s", exc)
+        if self._conn is not None:
+            self._conn.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval * random.uniform(0.9, 1.1)):
+            try:
+                self.tick()
+            except (psycopg.Error, DatabaseError) as exc:
+                log.warning("heartbeat failed (will retry): %s", " ".join(str(exc).split()))
+                self._drop()
+
+    def tick(self) -> None:
+        """One heartbeat, then one rescue pass."""
+        conn = self._connection()
+        row = conn.execute(self.queries.heartbeat, {"id": self.registration.id}).fetchone()
+        if row is None:
+            log.warning(
+                "this worker (%s) was declared dead by its peers (no heartbeat for %s s); "
+                "registering again and checking which jobs it still holds",
+                self.registration.id,
+                self.timeout,
+            )
+            conn.execute(self.queries.register_worker, self.registration.params())
+            self.on_lost()
+        self.rescue(conn)
+
+    def rescue(self, conn: psycopg.Connection[Any]) -> None:
+        """Rescue the jobs of dead workers (whichever live worker gets there first)."""
+        row = conn.execute(self.queries.rescue_jobs, {"timeout": self.timeout}).fetchone()
+        if row is None:
+            return
+        available, dead, workers = row
+        if available or dead or workers:
+            self.rescued += available + dead
+            log.warning(
+                "rescued %d job(s) of dead workers (%d sent to dead: out of attempts); "
+                "removed %d expired worker(s)",
+                available + dead,
+                dead,
+                workers,
+            )
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        return connect_sync(self.url, APPLICATION_NAME)
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = self._connect()
+        return self._conn
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+            self._conn = None

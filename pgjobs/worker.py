@@ -1,0 +1,576 @@
+"""The worker: claim jobs, run them, record their outcomes.
+
+One asyncio loop per process. ``async def`` tasks are awaited on it, plain functions run in
+threads (:mod:`pgjobs.threads`). The loop keeps ``concurrency`` slots (plus an optional
+``prefetch`` buffer of claimed-but-not-started jobs) and claims with ONE statement sized to
+what is free (``claim_jobs`` in queries.sql), when:
+
+* the listener reports new jobs in a served queue (push: an idle worker starts a job within
+  milliseconds of the enqueue's commit), or reconnected;
+* a slot frees up and the last claim came back full (there may be more);
+* the earliest known ``run_at`` of a scheduled or retryable job arrives (sleeping exactly
+  until then, so delayed jobs and retries start on time without a poll tick);
+* the fallback poll interval passes (about 1 s, jittered), which covers lost notifications.
+
+Outcomes go through :class:`~pgjobs.completions.Completions` in batches, fenced by lease
+token. Heartbeats and crash rescue run on their own thread (:mod:`pgjobs.maintenance`).
+
+Shutdown (SIGTERM/SIGINT, or :meth:`Worker.stop`): claiming stops at once, prefetched jobs
+are handed back immediately (runnable again, attempt refunded), running jobs get ``grace``
+seconds (``ctx.shutting_down`` tells them), then whatever still runs is handed back too. A
+second signal exits at once (status 128 + signal); jobs still held are then rescued by the
+other workers once this worker's heartbeat expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import secrets
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from pgjobs.app import App
+from pgjobs.completions import Completions
+from pgjobs.context import JobContext
+from pgjobs.errors import ConfigurationError, DatabaseError, SchemaNotReadyError
+from pgjobs.execution import ClaimedJob, Executor, error_entry, handed_back
+from pgjobs.listener import Listener
+from pgjobs.maintenance import Maintenance, Registration
+from pgjobs.settings import validate_queue
+from pgjobs.worker_db import connect_async
+
+log = logging.getLogger("pgjobs.worker")
+
+APPLICATION_NAME = "pgjobs-worker"
+# Wait at most this long for the first LISTEN before the first claim.
+_LISTEN_START_TIMEOUT = 5.0
+# Wake a little after a known run_at: the claim compares with the database's now().
+_DUE_MARGIN = 0.002
+_DUE_FLOOR = 0.005
+# Refilling slots that free up one by one: wait this long for more of them (or for a
+# quarter of the capacity) so that claims come in batches, not one statement per job.
+_REFILL_WINDOW = 0.003
+
+
+@dataclass(eq=False)
+class _Running:
+    job: ClaimedJob
+    ctx: JobContext
+    task: asyncio.Task[None] | None = None
+    is_async: bool = False
+    handed_back: bool = False
+
+
+@dataclass
+class WorkerStats:
+    """What one worker did since it started."""
+
+    claimed: int = 0
+    claims: int = 0
+    started: int = 0
+    handed_back: int = 0
+    rescued: int = 0
+
+
+class Worker:
+    """Runs the jobs of ``app`` from ``queues`` (default: the queues of its tasks).
+
+    ``concurrency`` jobs run at once; ``prefetch`` more may be claimed ahead and wait in
+    memory. ``poll_interval`` is the fallback poll; ``heartbeat_interval`` and
+    ``heartbeat_timeout`` govern crash detection (a worker silent for ``heartbeat_timeout``
+    seconds is dead and its jobs are rescued); ``grace`` is how long running jobs may finish
+    after a stop request; ``burst`` exits once the queues have nothing runnable and nothing
+    running. ``run()`` blocks (and handles SIGTERM/SIGINT when on the main thread);
+    ``run_async()`` runs on the caller's loop.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        queues: Sequence[str] | None = None,
+        concurrency: int = 10,
+        *,
+        prefetch: int = 0,
+        poll_interval: float = 1.0,
+        heartbeat_interval: float = 5.0,
+        heartbeat_timeout: float = 30.0,
+        grace: float = 30.0,
+        burst: bool = False,
+        listen: bool = True,
+        name: str | None = None,
+    ) -> None:
+        self.app = app
+        self.queues = _queues(app, queues)
+        self.concurrency = _positive_int(concurrency, "concurrency")
+        self.prefetch = _non_negative_int(prefetch, "prefetch")
+        self.poll_interval = _positive(poll_interval, "poll_interval")
+        self.heartbeat_interval = _positive(heartbeat_interval, "heartbeat_interval")
+        self.heartbeat_timeout = _positive(heartbeat_timeout, "heartbeat_timeout")
+        if self.heartbeat_timeout <= 2 * self.heartbeat_interval:
+            raise ConfigurationError("heartbeat_timeout must exceed twice heartbeat_interval")
+        self.grace = _non_negative(grace, "grace")
+        self.burst = burst
+        self.listen = listen
+        self.id = name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.stats = WorkerStats()
+        self.listener: Listener | None = None
+        self._executor = Executor(app.tasks, self.id)
+        self._shutdown = threading.Event()
+        self._buffer: deque[ClaimedJob] = deque()
+        self._running: dict[int, _Running] = {}
+        self._dirty = True
+        self._more = False
+        self._refill_since: float | None = None
+        self._due_at: float | None = None
+        self._poll_at = 0.0
+        self._signals = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._completions: Completions | None = None
+        self._maintenance: Maintenance | None = None
+        self._completions_task: asyncio.Task[None] | None = None
+        self._listener_task: asyncio.Task[None] | None = None
+
+    # -- public --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run until stopped; SIGTERM/SIGINT stop gracefully when called on the main thread."""
+        on_main = threading.current_thread() is threading.main_thread()
+        asyncio.run(self.run_async(handle_signals=on_main))
+
+    async def run_async(self, *, handle_signals: bool = False) -> None:
+        """Run on the current event loop until stopped (or, with ``burst``, out of work)."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        try:
+            await self._start()
+            if handle_signals:
+                self._install_signal_handlers()
+            await self._await_listener()
+            await self._claim_loop()
+        finally:
+            await self._stop_everything()
+
+    def stop(self) -> None:
+        """Ask the worker to shut down gracefully (safe from any thread)."""
+        self._shutdown.set()
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._poke)
+
+    @property
+    def running_jobs(self) -> list[int]:
+        """Ids of the jobs running now."""
+        return list(self._running)
+
+    # -- start and stop ------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        url = await asyncio.to_thread(lambda: self.app.database_url)
+        self._conn = await connect_async(url, APPLICATION_NAME, durable=False)
+        self._maintenance = Maintenance(
+            url,
+            self.app.queries,
+            self._registration(),
+            interval=self.heartbeat_interval,
+            timeout=self.heartbeat_timeout,
+            on_lost=self._lost_registration,
+        )
+        await asyncio.to_thread(self._maintenance.start)
+        self._completions = Completions(
+            self.app.queries, self.id, lambda: connect_async(url, APPLICATION_NAME)
+        )
+        self._completions_task = asyncio.create_task(self._completions.run())
+        if self.listen:
+            self.listener = Listener(
+                url, self.app.channel, self.queues, self._on_jobs, self._on_listener_connect
+            )
+            self._listener_task = asyncio.create_task(self.listener.run())
+        log.info(
+            "worker %s started: queues %s, concurrency %d, prefetch %d",
+            self.id,
+            ",".join(self.queues),
+            self.concurrency,
+            self.prefetch,
+        )
+
+    def _registration(self) -> Registration:
+        return Registration(
+            id=self.id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            queues=list(self.queues),
+            concurrency=self.concurrency,
+            meta={"prefetch": self.prefetch, "burst": self.burst},
+        )
+
+    async def _await_listener(self) -> None:
+        # LISTEN first, then the first claim: a job committed in between is not missed.
+        if self.listener is not None:
+            try:
+                await asyncio.wait_for(self.listener.first_attempt.wait(), _LISTEN_START_TIMEOUT)
+            except TimeoutError:
+                log.warning(
+                    "listener not ready after %s s; polling meanwhile", _LISTEN_START_TIMEOUT
+                )
+
+    def _install_signal_handlers(self) -> None:
+        assert self._loop is not None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(signum, self._on_signal, signum)
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second signal (%s): exiting now", signal.Signals(signum).name)
+            logging.shutdown()
+            os._exit(128 + signum)
+        log.info(
+            "%s: stopping (running jobs get %s s; signal again to exit at once)",
+            signal.Signals(signum).name,
+            self.grace,
+        )
+        self.stop()
+
+    async def _stop_everything(self) -> None:
+        self._shutdown.set()
+        if self._listener_task is not None:
+            self._listener_task.cancel()
+        if self._completions is not None:
+            # Outcomes are written before the worker's row goes: a job is never left
+            # running under a worker that no longer exists while this one is still alive.
+            await self._hand_back_buffer(self._completions)
+            await self._drain(self._completions)
+            await self._completions.close()
+        for task in (self._listener_task, self._completions_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self._maintenance is not None:
+            await asyncio.to_thread(self._maintenance.stop)
+            self.stats.rescued = self._maintenance.rescued
+        if self._conn is not None:
+            await self._conn.close()
+        written = self._completions.written if self._completions is not None else 0
+        log.info(
+            "worker %s stopped: %d job(s) started, %d claimed in %d claim(s), %d outcome(s) "
+            "written in %d batch(es)",
+            self.id,
+            self.stats.started,
+            self.stats.claimed,
+            self.stats.claims,
+            written,
+            self._completions.batches if self._completions is not None else 0,
+        )
+
+    async def _hand_back_buffer(self, completions: Completions) -> None:
+        if not self._buffer:
+            return
+        count = len(self._buffer)
+        while self._buffer:
+            completions.add(handed_back(self._buffer.popleft()))
+        await completions.flush()
+        self.stats.handed_back += count
+        log.info("handed back %d claimed job(s) that had not started", count)
+
+    async def _drain(self, completions: Completions) -> None:
+        tasks = [r.task for r in self._running.values() if r.task is not None]
+        if tasks and self.grace > 0:
+            log.info("waiting up to %s s for %d running job(s)", self.grace, len(tasks))
+            await asyncio.wait(tasks, timeout=self.grace)
+        leftover = list(self._running.values())
+        if not leftover:
+            return
+        message = f"the worker shut down before the job finished (grace {self.grace} s)"
+        for running in leftover:
+            running.handed_back = True
+            running.ctx._cancel()
+            error = _interrupted(running, self.id, message)
+            completions.add(handed_back(running.job, error))
+            if running.is_async and running.task is not None:
+                running.task.cancel()
+        self.stats.handed_back += len(leftover)
+        log.warning("handed back %d job(s) still running after the grace period", len(leftover))
+
+    # -- claiming ------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        while not self._shutdown.is_set():
+            want = self.concurrency + self.prefetch - len(self._running) - len(self._buffer)
+            if want > 0 and (self._dirty or self._refill_due(want)):
+                self._dirty = False
+                self._refill_since = None
+                jobs = await self._claim(want)
+                self._accept(jobs)
+                if len(jobs) < want and await self._idle_now(jobs):
+                    return
+                continue
+            await self._sleep(want > 0)
+
+    def _refill_due(self, want: int) -> bool:
+        if self._refill_since is None:
+            return False
+        capacity = self.concurrency + self.prefetch
+        return (
+            want * 4 >= capacity
+            or not self._running
+            or time.monotonic() >= self._refill_since + _REFILL_WINDOW
+        )
+
+    async def _claim(self, limit: int) -> list[ClaimedJob]:
+        self._poll_at = time.monotonic() + self.poll_interval * random.uniform(0.8, 1.2)
+        params = {"queues": list(self.queues), "limit": limit, "worker": self.id}
+        try:
+            conn = await self._connection()
+            cur = await conn.execute(self.app.queries.claim_jobs, params)
+            rows = await cur.fetchall()
+        except psycopg.errors.UndefinedTable as exc:
+            raise SchemaNotReadyError(
+                "pgjobs' tables are missing: run `pgjobs migrate upgrade`"
+            ) from exc
+        except (psycopg.Error, DatabaseError) as exc:
+            await self._claim_failed(exc)
+            return []
+        self.stats.claims += 1
+        self._more = len(rows) == limit
+        jobs = sorted(map(ClaimedJob.from_row, rows), key=lambda j: (j.priority, j.run_at, j.id))
+        self.stats.claimed += len(jobs)
+        return jobs
+
+    async def _claim_failed(self, exc: BaseException) -> None:
+        log.warning("claim failed, retrying: %s", " ".join(str(exc).split()))
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                await self._conn.close()
+        self._conn = None
+        self._dirty = True
+        await asyncio.sleep(random.uniform(0.2, 1.0))
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = await connect_async(self.app.database_url, APPLICATION_NAME, durable=False)
+        return self._conn
+
+    def _accept(self, jobs: Iterable[ClaimedJob]) -> None:
+        self._buffer.extend(jobs)
+        self._start_buffered()
+
+    async def _idle_now(self, jobs: list[ClaimedJob]) -> bool:
+        """After a claim that found less than it asked for: learn when the next waiting
+        job is due; in burst mode, say whether it is time to exit."""
+        await self._learn_next_due()
+        if not self.burst or jobs or self._running or self._buffer:
+            return False
+        assert self._completions is not None
+        await self._completions.flush()
+        conn = await self._connection()
+        cur = await conn.execute(self.app.queries.queues_busy, {"queues": list(self.queues)})
+        row = await cur.fetchone()
+        if row is not None and row[0]:
+            return False
+        log.info("burst: nothing runnable or running in %s; exiting", ",".join(self.queues))
+        return True
+
+    async def _learn_next_due(self) -> None:
+        try:
+            conn = await self._connection()
+            cur = await conn.execute(self.app.queries.next_run_at, {"queues": list(self.queues)})
+            row = await cur.fetchone()
+        except (psycopg.Error, DatabaseError) as exc:
+            log.debug("next_run_at failed: %s", exc)
+            return
+        seconds = row[0] if row is not None else None
+        # Never replace what is known locally: a retry this worker just scheduled may not
+        # be flushed yet, so the database cannot know about it.
+        if seconds is not None:
+            self._note_due(float(seconds))
+
+    def _note_due(self, seconds: float) -> None:
+        # The floor keeps a job that is due but was not claimable (locked by a peer's claim
+        # in flight) from turning this loop into a busy spin.
+        due = time.monotonic() + max(seconds, _DUE_FLOOR) + _DUE_MARGIN
+        if self._due_at is None or due < self._due_at:
+            self._due_at = due
+
+    async def _sleep(self, can_claim: bool) -> None:
+        assert self._wake is not None
+        timeout: float | None = None
+        if can_claim:
+            deadline = self._poll_at if self._due_at is None else min(self._poll_at, self._due_at)
+            if self._refill_since is not None:
+                deadline = min(deadline, self._refill_since + _REFILL_WINDOW)
+            timeout = max(deadline - time.monotonic(), 0.0)
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            # Poll tick or a known run_at (a refill window is judged by _refill_due).
+            now = time.monotonic()
+            if self._poll_at <= now:
+                self._dirty = True
+            if self._due_at is not None and self._due_at <= now:
+                self._dirty = True
+                self._due_at = None
+        self._wake.clear()
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _on_jobs(self, queue: str, count: int) -> None:
+        self._dirty = True
+        self._poke()
+
+    def _on_listener_connect(self) -> None:
+        self._dirty = True
+        self._poke()
+
+    # -- running -------------------------------------------------------------------------
+
+    def _start_buffered(self) -> None:
+        while self._buffer and len(self._running) < self.concurrency:
+            if self._shutdown.is_set():
+                return
+            self._start_job(self._buffer.popleft())
+
+    def _start_job(self, job: ClaimedJob) -> None:
+        assert self._loop is not None and self._completions is not None
+        ctx = JobContext(
+            id=job.id,
+            attempt=job.attempts,
+            max_attempts=job.max_attempts,
+            queue=job.queue,
+            task=job.task,
+            lease_token=job.lease_token,
+            worker=self.id,
+            loop=self._loop,
+            write_progress=self._completions.write_progress,
+            shutdown=self._shutdown,
+        )
+        task = self.app.tasks.get(job.task)
+        running = _Running(job, ctx, is_async=task is not None and task.is_async)
+        self._running[job.id] = running
+        running.task = self._loop.create_task(self._execute(running))
+        running.task.add_done_callback(lambda _: self._slot_freed(running))
+        self.stats.started += 1
+
+    async def _execute(self, running: _Running) -> None:
+        assert self._completions is not None
+        try:
+            finish = await self._executor.execute(running.job, running.ctx)
+        except asyncio.CancelledError:
+            return  # handed back at shutdown, or the lease was lost
+        if running.handed_back:
+            return  # its row was handed back at shutdown already
+        # Even when the lease is known to be lost this is written: fencing makes it a no-op.
+        self._completions.add(finish)
+        if finish.delay is not None:
+            self._note_due(finish.delay)
+        log.debug(
+            "job %s (%s) attempt %s: %s",
+            running.job.id,
+            running.job.task,
+            running.job.attempts,
+            finish.note or finish.state,
+        )
+
+    def _slot_freed(self, running: _Running) -> None:
+        if self._running.get(running.job.id) is running:
+            del self._running[running.job.id]
+        self._start_buffered()
+        if self._more and self._refill_since is None:
+            self._refill_since = time.monotonic()
+        self._poke()
+
+    # -- lost registration ---------------------------------------------------------------
+
+    def _lost_registration(self) -> None:
+        """Called from the heartbeat thread when peers declared this worker dead."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._check_leases()))
+
+    async def _check_leases(self) -> None:
+        try:
+            await self._cancel_lost_jobs()
+        except (psycopg.Error, DatabaseError) as exc:
+            log.warning("could not check this worker's leases: %s", exc)
+
+    async def _cancel_lost_jobs(self) -> None:
+        held = list(self._running.values())
+        buffered = list(self._buffer)
+        pairs = [(r.job.id, r.job.lease_token) for r in held] + [
+            (j.id, j.lease_token) for j in buffered
+        ]
+        if not pairs:
+            return
+        conn = await self._connection()
+        cur = await conn.execute(
+            self.app.queries.held_leases,
+            {"id": [p[0] for p in pairs], "lease_token": [p[1] for p in pairs]},
+        )
+        still = {row[0] for row in await cur.fetchall()}
+        lost = [r for r in held if r.job.id not in still]
+        for running in lost:
+            running.ctx._cancel()
+            if running.is_async and running.task is not None:
+                running.task.cancel()
+        for job in buffered:
+            if job.id not in still and job in self._buffer:
+                self._buffer.remove(job)
+        if lost:
+            log.warning(
+                "lease lost on %d running job(s) %s: they were rescued while this worker was "
+                "unresponsive; their outcomes will not be recorded",
+                len(lost),
+                [r.job.id for r in lost][:20],
+            )
+
+
+def _interrupted(running: _Running, worker: str, message: str) -> str:
+    return error_entry(running.job, worker, None, "pgjobs.WorkerShutdown", message)
+
+
+def _queues(app: App, queues: Sequence[str] | None) -> tuple[str, ...]:
+    if queues:
+        return tuple(dict.fromkeys(validate_queue(q) for q in queues))
+    names = sorted({task.config.queue for task in app.tasks.values()})
+    if not names:
+        raise ConfigurationError("the application registers no tasks; name the queues to work")
+    return tuple(names)
+
+
+def _positive(value: float, name: str) -> float:
+    if not (isinstance(value, int | float) and value > 0):
+        raise ConfigurationError(f"{name} must be a positive number, not {value!r}")
+    return float(value)
+
+
+def _non_negative(value: float, name: str) -> float:
+    if not (isinstance(value, int | float) and value >= 0):
+        raise ConfigurationError(f"{name} must be zero or a positive number, not {value!r}")
+    return float(value)
+
+
+def _positive_int(value: int, name: str) -> int:
+    if not (isinstance(value, int) and value >= 1):
+        raise ConfigurationError(f"{name} must be a positive integer, not {value!r}")
+    return value
+
+
+def _non_negative_int(value: int, name: str) -> int:
+    if not (isinstance(value, int) and value >= 0):
+        raise ConfigurationError(f"{name} must be zero or a positive integer, not {value!r}")
+    return value

@@ -1,0 +1,68 @@
+"""The connections a worker process opens for itself.
+
+Each is autocommit (every worker statement is its own transaction, so none ever holds the
+xmin horizon back or sits idle in a transaction), forces READ COMMITTED (the claim and the
+fenced writes rely on re-checking rows at lock time; a role defaulting to SERIALIZABLE
+would fail them with serialization errors), turns on TCP keepalives (a half-open
+connection is noticed instead of waited on forever), and names itself in
+``pg_stat_activity.application_name`` (``pgjobs-worker``, ``pgjobs-listener``,
+``pgjobs-heartbeat``).
+
+The claim connection does not wait for its commits to reach disk
+(``synchronous_commit=off``): a claim lost in a server crash only means the job is claimed
+again, and the worker that had it cannot record anything for it (its lease token is gone),
+which at-least-once execution allows anyway. That takes a WAL flush off the path from
+enqueue to start. Outcomes are written durably.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from pgjobs.errors import DatabaseError
+
+CONNECT_TIMEOUT = 10
+
+
+def worker_conninfo(url: str, name: str, *, durable: bool = True) -> str:
+    """``url`` with the worker's connection settings added (the URL's own options kept)."""
+    params = conninfo_to_dict(url)
+    options = str(params.get("options") or "")
+    if not durable:
+        options += " -c synchronous_commit=off"
+    params.update(
+        application_name=name,
+        keepalives=1,
+        keepalives_idle=10,
+        keepalives_interval=5,
+        keepalives_count=3,
+        options=f"{options} -c default_transaction_isolation=read\\ committed".strip(),
+    )
+    params.setdefault("connect_timeout", CONNECT_TIMEOUT)
+    return make_conninfo("", **params)
+
+
+async def connect_async(
+    url: str, name: str, *, durable: bool = True
+) -> psycopg.AsyncConnection[Any]:
+    """A new autocommit async connection for the worker."""
+    conninfo = worker_conninfo(url, name, durable=durable)
+    try:
+        return await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise DatabaseError(f"cannot connect to the database: {_one_line(exc)}") from exc
+
+
+def connect_sync(url: str, name: str) -> psycopg.Connection[Any]:
+    """A new autocommit connection for the worker's threads."""
+    try:
+        return psycopg.Connection.connect(worker_conninfo(url, name), autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise DatabaseError(f"cannot connect to the database: {_one_line(exc)}") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
