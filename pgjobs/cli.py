@@ -27,7 +27,9 @@ cli = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-migrate_cli = typer.Typer(help="Install or upgrade pgjobs' schema (Alembic migrations).", no_args_is_help=True)
+migrate_cli = typer.Typer(
+    help="Install or upgrade pgjobs' schema (Alembic migrations).", no_args_is_help=True
+)
 cli.add_typer(migrate_cli, name="migrate")
 
 
@@ -57,7 +59,9 @@ class Globals:
 
         target = self.app or default
         if not target:
-            raise ConfigurationError(f"name the application with --app module:attribute or {APP_ENV}")
+            raise ConfigurationError(
+                f"name the application with --app module:attribute or {APP_ENV}"
+            )
         module_name, _, attribute = target.partition(":")
         sys.path.insert(0, os.getcwd())
         try:
@@ -78,10 +82,21 @@ state = Globals()
 @cli.callback()
 def main_options(
     database_url: Annotated[
-        str | None, typer.Option("--database-url", envvar=DATABASE_URL_ENV, help="PostgreSQL URL; the embedded server when unset.")
+        str | None,
+        typer.Option(
+            "--database-url",
+            envvar=DATABASE_URL_ENV,
+            help="PostgreSQL URL; the embedded server when unset.",
+        ),
     ] = None,
-    app: Annotated[str | None, typer.Option("--app", envvar=APP_ENV, help="The application, as module:attribute.")] = None,
-    schema: Annotated[str | None, typer.Option("--schema", envvar=SCHEMA_ENV, help="pgjobs' schema (default: pgjobs).")] = None,
+    app: Annotated[
+        str | None,
+        typer.Option("--app", envvar=APP_ENV, help="The application, as module:attribute."),
+    ] = None,
+    schema: Annotated[
+        str | None,
+        typer.Option("--schema", envvar=SCHEMA_ENV, help="pgjobs' schema (default: pgjobs)."),
+    ] = None,
 ) -> None:
     """Options shared by every command."""
     state.database_url, state.app, state.schema = database_url, app, schema
@@ -103,7 +118,9 @@ def reports_errors(fn: F) -> F:
 
 @migrate_cli.command("upgrade")
 @reports_errors
-def migrate_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+def migrate_upgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+) -> None:
     """Migrate the database up (to the newest revision by default). Safe to repeat."""
     from pgjobs import migrate
 
@@ -114,7 +131,9 @@ def migrate_upgrade(revision: Annotated[str, typer.Argument(help="Target revisio
 
 @migrate_cli.command("downgrade")
 @reports_errors
-def migrate_downgrade(revision: Annotated[str, typer.Argument(help="Target revision; 'base' removes pgjobs.")]) -> None:
+def migrate_downgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision; 'base' removes pgjobs.")],
+) -> None:
     """Migrate the database down to REVISION."""
     from pgjobs import migrate
 
@@ -141,7 +160,9 @@ def migrate_current() -> None:
 @reports_errors
 def migrate_sql(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
-    down: Annotated[bool, typer.Option("--down", help="Print the downgrade from head to REVISION.")] = False,
+    down: Annotated[
+        bool, typer.Option("--down", help="Print the downgrade from head to REVISION.")
+    ] = False,
 ) -> None:
     """Print the migration DDL without touching a database."""
     from pgjobs import migrate
@@ -291,6 +312,46 @@ def work(
     )
     watch_supervisor(worker.stop)
     worker.run()
+
+
+@cli.command("bench")
+@reports_errors
+def bench(
+    jobs: Annotated[int, typer.Option("--jobs", min=1, help="Jobs to drain.")] = 20_000,
+    single: Annotated[
+        int, typer.Option("--single", min=1, help="Jobs enqueued one per transaction.")
+    ] = 2_000,
+    bulk: Annotated[int, typer.Option("--bulk", min=1, help="Jobs enqueued in bulk.")] = 50_000,
+    latency_jobs: Annotated[
+        int, typer.Option("--latency-jobs", min=1, help="Jobs timed from commit to start.")
+    ] = 500,
+    rate: Annotated[
+        float, typer.Option("--rate", min=1, help="Latency jobs enqueued per second.")
+    ] = 50.0,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Worker processes.")] = 2,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", min=1, help="Slots per worker process.")
+    ] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Measure enqueue (one per transaction, bulk), drain throughput and enqueue-to-start
+    latency with idle workers, on the configured database (in a schema of its own,
+    pgjobs_bench, removed afterwards)."""
+    import json
+
+    from pgjobs import bench as bench_module
+
+    layout = bench_module.Layout(
+        single=single,
+        bulk=bulk,
+        drain=jobs,
+        latency=latency_jobs,
+        rate=rate,
+        workers=workers,
+        concurrency=concurrency,
+    )
+    results = bench_module.run(state.url(), layout)
+    typer.echo(json.dumps(results, indent=2) if as_json else bench_module.report(results))
 
 
 def main() -> None:

@@ -61,7 +61,9 @@ class JobContext:
         self._loop = loop
         self._write_progress = write_progress
         self._shutdown = shutdown
-        self._cancelled = threading.Event()
+        # A plain flag: set on the loop thread, read from the task's thread; an Event per
+        # job costs more than the rest of the context.
+        self._cancelled = False
 
     def __repr__(self) -> str:
         return f"<JobContext job={self.id} task={self.task} attempt={self.attempt}>"
@@ -84,7 +86,7 @@ class JobContext:
     @property
     def cancelled(self) -> bool:
         """True once the worker abandoned this attempt (timeout or lost lease)."""
-        return self._cancelled.is_set()
+        return self._cancelled
 
     def progress(self, value: float | int | str | None, data: Any = None) -> None:
         """Record progress: a number (or short text) and optional JSON ``data``.
@@ -109,7 +111,7 @@ class JobContext:
         return await self._write_progress(self.id, self.lease_token, payload)
 
     def _cancel(self) -> None:
-        self._cancelled.set()
+        self._cancelled = True
 
 
 def _payload(value: float | int | str | None, data: Any) -> str:

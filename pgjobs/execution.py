@@ -97,6 +97,17 @@ def error_entry(
     )
 
 
+def _explain(task: Task[Any, Any], job: ClaimedJob, exc: BaseException) -> BaseException:
+    """For a TypeError: InvalidJobError if the stored arguments do not fit the task (the
+    task changed since the job was enqueued, or the row was written by hand), else ``exc``."""
+    if isinstance(exc, TypeError):
+        try:
+            task.check_args(dict(job.args))
+        except InvalidJobError as mismatch:
+            return mismatch
+    return exc
+
+
 def _clean(text: str) -> str:
     # jsonb cannot store NUL, and a lone surrogate cannot be encoded at all.
     return text.replace("\x00", "\\0").encode("utf-8", "replace").decode("utf-8")
@@ -128,11 +139,13 @@ class Executor:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
-            return self.classify_exception(job, task, exc)
+            return self.classify_exception(job, task, _explain(task, job, exc))
         return self.classify_value(job, task, value)
 
     def _arguments(self, task: Task[Any, Any], job: ClaimedJob, ctx: JobContext) -> dict[str, Any]:
-        kwargs = task.check_args(dict(job.args))
+        # Enqueue checked the arguments; binding them again for every run costs more than
+        # running a small job. _explain() binds them only when the call fails.
+        kwargs = dict(job.args)
         if task.context_parameter is not None:
             kwargs[task.context_parameter] = ctx
         return kwargs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -105,7 +106,6 @@ def _drop_leftovers(url: str, schema: str) -> None:
         conn.execute(
             sql.SQL("DROP TABLE IF EXISTS {}.{}").format(ident, sql.Identifier(VERSION_TABLE))
         )
-        try:
+        # RESTRICT: the application may keep objects of its own there.
+        with contextlib.suppress(psycopg.errors.DependentObjectsStillExist):
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} RESTRICT").format(ident))
-        except psycopg.errors.DependentObjectsStillExist:
-            pass  # the application keeps objects of its own there

@@ -54,7 +54,7 @@ ORDER BY inserted.id;
 -- The live job holding each unique key (the one a duplicate enqueue resolves to).
 SELECT unique_key, id
 FROM {schema}.jobs
-WHERE unique_key = ANY(%(keys)s::text[])
+WHERE unique_key = ANY(%(keys)b::text[])
   AND state IN ('scheduled', 'available', 'running', 'retryable', 'pending');
 
 
@@ -81,7 +81,7 @@ WHERE id = %(id)s;
 -- scan locked beyond the outer LIMIT are released when the statement ends.
 WITH candidates AS MATERIALIZED (
     SELECT c.id
-    FROM unnest(%(queues)s::text[]) AS q(name)
+    FROM unnest(%(queues)b::text[]) AS q(name)
     CROSS JOIN LATERAL (
         SELECT j.id, j.priority, j.run_at
         FROM {schema}.jobs AS j
@@ -116,8 +116,8 @@ RETURNING j.id, j.queue, j.task, j.args, j.priority, j.run_at, j.attempts, j.max
 -- counters are bumped in the same statement.
 WITH outcome AS (
     SELECT *
-    FROM unnest(%(id)s::bigint[], %(lease_token)s::uuid[], %(state)s::text[],
-                %(result)s::text[], %(delay)s::float8[], %(error)s::text[], %(refund)s::int4[])
+    FROM unnest(%(id)b::bigint[], %(lease_token)b::uuid[], %(state)b::text[],
+                %(result)b::text[], %(delay)b::float8[], %(error)b::text[], %(refund)b::int4[])
          AS o(id, lease_token, state, result, delay, error, refund)
 ),
 locked AS MATERIALIZED (
@@ -168,7 +168,7 @@ RETURNING id;
 -- Which of these (job, lease) pairs this worker still holds.
 SELECT j.id
 FROM {schema}.jobs AS j
-JOIN unnest(%(id)s::bigint[], %(lease_token)s::uuid[]) AS h(id, lease_token)
+JOIN unnest(%(id)b::bigint[], %(lease_token)b::uuid[]) AS h(id, lease_token)
   ON h.id = j.id AND h.lease_token = j.lease_token
 WHERE j.state = 'running';
 
@@ -178,7 +178,7 @@ WHERE j.state = 'running';
 -- runnable (zero or less: due already, e.g. it came due between the claim and this
 -- statement); NULL when none waits. One index probe per queue (jobs_waiting_idx).
 SELECT extract(epoch FROM min(w.run_at) - now())::float8
-FROM unnest(%(queues)s::text[]) AS q(name)
+FROM unnest(%(queues)b::text[]) AS q(name)
 CROSS JOIN LATERAL (
     SELECT j.run_at
     FROM {schema}.jobs AS j
@@ -194,7 +194,7 @@ CROSS JOIN LATERAL (
 -- false).
 SELECT EXISTS (
            SELECT 1
-           FROM unnest(%(queues)s::text[]) AS q(name)
+           FROM unnest(%(queues)b::text[]) AS q(name)
            CROSS JOIN LATERAL (
                SELECT 1 FROM {schema}.jobs AS j
                WHERE j.queue = q.name
@@ -206,7 +206,7 @@ SELECT EXISTS (
        )
        OR EXISTS (
            SELECT 1 FROM {schema}.jobs
-           WHERE state = 'running' AND queue = ANY(%(queues)s::text[])
+           WHERE state = 'running' AND queue = ANY(%(queues)b::text[])
        );
 
 

@@ -62,6 +62,7 @@ class Task(Generic[P, R]):
         self.config = config
         self.signature = inspect.signature(fn)
         self.context_parameter = _context_parameter(self.signature)
+        self._is_async = inspect.iscoroutinefunction(fn)
         # What enqueue checks arguments against: the parameters less the JobContext one.
         self._job_signature = self.signature.replace(
             parameters=[
@@ -86,7 +87,7 @@ class Task(Generic[P, R]):
     @property
     def is_async(self) -> bool:
         """True for ``async def`` tasks."""
-        return inspect.iscoroutinefunction(self.fn)
+        return self._is_async
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.fn(*args, **kwargs)

@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,7 +149,8 @@ class Worker:
     def run(self) -> None:
         """Run until stopped; SIGTERM/SIGINT stop gracefully when called on the main thread."""
         on_main = threading.current_thread() is threading.main_thread()
-        asyncio.run(self.run_async(handle_signals=on_main))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(self.run_async(handle_signals=on_main))
 
     async def run_async(self, *, handle_signals: bool = False) -> None:
         """Run on the current event loop until stopped (or, with ``burst``, out of work)."""
@@ -541,6 +542,18 @@ class Worker:
 
 def _interrupted(running: _Running, worker: str, message: str) -> str:
     return error_entry(running.job, worker, None, "pgjobs.WorkerShutdown", message)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it is installed (it cuts the event loop's share of every wake-up and
+    job), else asyncio's own loop. PGJOBS_UVLOOP=0 turns it off."""
+    if os.environ.get("PGJOBS_UVLOOP", "1") == "0":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop  # type: ignore[no-any-return]
 
 
 def _queues(app: App, queues: Sequence[str] | None) -> tuple[str, ...]:

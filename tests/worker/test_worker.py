@@ -285,3 +285,28 @@ async def test_worker_embeds_in_an_application(
     results = [(await app.get_job_async(i)).result for i in ids]
     assert results == [0, 2, 4, 6, 8] + [{"value": 3 * i, "attempt": 1} for i in range(5)]
     assert worker.stats.started == 10
+
+
+def test_stored_arguments_that_do_not_fit_go_dead_but_a_tasks_own_typeerror_retries(
+    app: pgjobs.App, ledger: psycopg.Connection[Any], workers: Workers
+) -> None:
+    from worker_app import typeerror
+
+    # A row written by hand (or before the task's signature changed) with arguments the
+    # task does not take: enqueue would refuse them, so write it directly.
+    misfit = scalar(
+        ledger,
+        "INSERT INTO pgjobs.jobs (queue, task, args) VALUES ('q', 't.typeerror', %s) RETURNING id",
+        ('{"wrong": 1}',),
+    )
+    own = typeerror.enqueue(count=1)
+    workers.start(concurrency=2)
+    _wait_state(ledger, misfit, "dead")
+    _wait_state(ledger, own, "dead")
+    misfit_job, own_job = app.get_job(misfit), app.get_job(own)
+    assert misfit_job.attempts == 1, "arguments that cannot bind are not retried"
+    assert misfit_job.errors[-1]["type"] == "pgjobs.errors.InvalidJobError"
+    assert "bad arguments for task 't.typeerror'" in misfit_job.errors[-1]["message"]
+    assert own_job.attempts == 2, "the task's own TypeError is retried by policy"
+    assert [e["type"] for e in own_job.errors] == ["TypeError", "TypeError"]
+    assert "the task's own TypeError" in own_job.errors[-1]["message"]

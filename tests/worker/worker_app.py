@@ -184,3 +184,9 @@ def spin(ctx: pgjobs.JobContext, seconds: float) -> int:
     while time.monotonic() < end:
         n += 1
     return n
+
+
+@app.task(name="t.typeerror", queue="q", max_attempts=2, backoff=lambda attempt: 0.1)
+def typeerror(count: int) -> None:
+    """Raises a TypeError of its own: an ordinary failure, retried by policy."""
+    raise TypeError(f"the task's own TypeError ({count})")
