@@ -199,6 +199,8 @@ def _configure_logging(level: str) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s pgjobs[%(process)d] %(name)s: %(message)s",
     )
+    # Migrating the embedded database on start is routine, not news.
+    logging.getLogger("alembic").setLevel(max(numeric, logging.WARNING))
 
 
 def _load_work_app() -> tuple[Any, bool]:
@@ -288,7 +290,7 @@ def work(
     if demo:
         from pgjobs import demo as demo_module
 
-        demo_module.seed(app)
+        demo_module.seed()
     if processes > 1:
         from pgjobs.supervisor import Supervisor, child_argv, child_env
 

