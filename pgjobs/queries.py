@@ -1,4 +1,9 @@
-"""Load the named statements of ``queries.sql`` and bind them to a schema."""
+"""Load the named statements of pgjobs' SQL files and bind them to a schema.
+
+``queries.sql`` holds what applications and workers run (enqueue, claim, complete, rescue);
+``operations.sql`` what operators run (listing, retrying, pruning, stats, doctor). A name
+is unique across both.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +16,23 @@ from psycopg import sql
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 
+SQL_FILES = ("queries.sql", "operations.sql")
+
+
 @cache
 def _raw() -> dict[str, str]:
-    text = resources.files("pgjobs").joinpath("queries.sql").read_text(encoding="utf-8")
-    parts = _NAME.split(text)
-    # parts = [preamble, name1, body1, name2, body2, ...]
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+    statements: dict[str, str] = {}
+    for filename in SQL_FILES:
+        resource = resources.files("pgjobs").joinpath(filename)
+        if not resource.is_file():
+            continue
+        parts = _NAME.split(resource.read_text(encoding="utf-8"))
+        # parts = [preamble, name1, body1, name2, body2, ...]
+        for name, body in zip(parts[1::2], parts[2::2], strict=True):
+            if name in statements:
+                raise RuntimeError(f"query {name!r} is defined twice ({filename})")
+            statements[name] = body.strip()
+    return statements
 
 
 class Queries:
