@@ -9,7 +9,8 @@ import functools
 import importlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
@@ -354,6 +355,621 @@ def bench(
     )
     results = bench_module.run(state.url(), layout)
     typer.echo(json.dumps(results, indent=2) if as_json else bench_module.report(results))
+
+
+# -- operations ---------------------------------------------------------------------------
+# The operator's commands: thin wrappers over pgjobs.admin and pgjobs.doctor. Tables for
+# people, --json for scripts; mistakes (unknown id, bad JSON, bad duration, bad state)
+# end with one line on stderr and exit 1.
+
+jobs_cli = typer.Typer(help="Inspect and act on jobs.", no_args_is_help=True)
+dead_cli = typer.Typer(help="The dead-letter queue: jobs out of attempts.", no_args_is_help=True)
+queues_cli = typer.Typer(help="Pause and resume queues.", no_args_is_help=True)
+cli.add_typer(jobs_cli, name="jobs")
+cli.add_typer(dead_cli, name="dead")
+cli.add_typer(queues_cli, name="queues")
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+class UsageError(PgJobsError):
+    """A command-line value pgjobs cannot use (reported as one line, exit 1)."""
+
+
+@contextmanager
+def _admin(batch_size: int | None = None) -> Iterator[Any]:
+    """An Admin on the configured database (the --app's, when one is given)."""
+    from pgjobs.admin import DEFAULT_BATCH_SIZE, Admin
+    from pgjobs.app import App
+
+    app = (
+        state.load_app()
+        if state.app
+        else App(state.url(), schema=state.schema_name(), strict_tasks=False)
+    )
+    try:
+        yield Admin(app, batch_size=batch_size or DEFAULT_BATCH_SIZE)
+    finally:
+        app.close()
+
+
+def _jsonable(value: Any) -> Any:
+    import dataclasses
+    import datetime as dt
+    import decimal
+    import enum
+    import uuid
+
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value
+
+
+def _print_json(value: Any) -> None:
+    import json
+
+    typer.echo(json.dumps(_jsonable(value), indent=2))
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    # Piped output keeps whole lines rather than wrapping at 80 columns.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def _cell(value: Any) -> str:
+    import datetime as dt
+
+    from pgjobs.durations import format_duration
+
+    if value is None:
+        return "-"
+    if isinstance(value, dt.datetime):
+        return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, dt.timedelta):
+        return format_duration(value)
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value) or "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def _table(title: str, rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for _, header in columns:
+        table.add_column(header, overflow="fold")
+    for row in rows:
+        table.add_row(*[_cell(row.get(key)) for key, _ in columns])
+    return table
+
+
+def _show(title: str, rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> None:
+    console = _console()
+    if not rows:
+        console.print(f"{title}: none")
+        return
+    console.print(_table(title, rows, columns))
+
+
+def _parse_args_json(text: str) -> dict[str, Any]:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--args is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"--args must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _duration(text: str, option: str) -> Any:
+    from pgjobs.durations import DurationError, parse_duration
+
+    try:
+        return parse_duration(text)
+    except DurationError as exc:
+        raise UsageError(f"{option}: {exc}") from None
+
+
+def _retention(text: str, option: str) -> Any:
+    from pgjobs.durations import DurationError, parse_retention
+
+    try:
+        return parse_retention(text)
+    except DurationError as exc:
+        raise UsageError(f"{option}: {exc} (or 'never')") from None
+
+
+def _report_batch(action: str, result: Any, as_json: bool) -> None:
+    """Print what a multi-job action did; one error line and exit 1 if any was skipped."""
+    if as_json:
+        _print_json({"done": result.done, "skipped": result.skipped})
+    else:
+        typer.echo(
+            f"{action} {len(result.done)} job(s)"
+            + (
+                f": {', '.join(map(str, result.done[:20]))}"
+                + (" …" if len(result.done) > 20 else "")
+                if result.done
+                else ""
+            )
+        )
+    if result.skipped:
+        reasons = "; ".join(f"{job_id}: {why}" for job_id, why in sorted(result.skipped.items()))
+        raise UsageError(f"{len(result.skipped)} job(s) not {action.lower()}: {reasons}")
+
+
+@cli.command("enqueue")
+@reports_errors
+def enqueue(
+    task: Annotated[str, typer.Argument(help="Task name, e.g. myapp.tasks.send_email.")],
+    args: Annotated[str, typer.Option("--args", help="Arguments as a JSON object.")] = "{}",
+    queue: Annotated[str | None, typer.Option("--queue", help="Queue (default: task's).")] = None,
+    priority: Annotated[
+        int | None, typer.Option("--priority", help="-100..100, lower runs first.")
+    ] = None,
+    delay: Annotated[
+        str | None, typer.Option("--delay", help="Run after this long, e.g. 30s, 5m, 1h.")
+    ] = None,
+    unique_key: Annotated[
+        str | None, typer.Option("--unique-key", help="At most one live job with this key.")
+    ] = None,
+    max_attempts: Annotated[
+        int | None, typer.Option("--max-attempts", help="Attempts before the job is dead.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Enqueue one job by task name (tasks need not be importable here unless --app is
+    given). Prints the job id (an existing live job's id for a duplicate unique key)."""
+    from pgjobs.app import App
+
+    payload = _parse_args_json(args)
+    wait = _duration(delay, "--delay") if delay is not None else None
+    app = (
+        state.load_app()
+        if state.app
+        else App(state.url(), schema=state.schema_name(), strict_tasks=False)
+    )
+    try:
+        job_id = app.enqueue(
+            task,
+            payload,
+            queue=queue,
+            priority=priority,
+            delay=wait,
+            unique_key=unique_key,
+            max_attempts=max_attempts,
+        )
+    finally:
+        app.close()
+    if as_json:
+        _print_json({"id": job_id})
+    else:
+        typer.echo(str(job_id))
+
+
+STATE_HELP = "scheduled, available, running, retryable, succeeded, dead, cancelled, pending"
+JOB_COLUMNS = [
+    ("id", "id"),
+    ("queue", "queue"),
+    ("task", "task"),
+    ("state", "state"),
+    ("attempts", "attempts"),
+    ("max_attempts", "max"),
+    ("run_at", "run at"),
+    ("finished_at", "finished"),
+    ("worker", "worker"),
+    ("last_error", "last error"),
+]
+
+
+@jobs_cli.command("list")
+@reports_errors
+def jobs_list(
+    job_state: Annotated[str | None, typer.Option("--state", help=STATE_HELP)] = None,
+    queue: Annotated[str | None, typer.Option("--queue")] = None,
+    task: Annotated[str | None, typer.Option("--task")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1)] = 50,
+    as_json: JsonOption = False,
+) -> None:
+    """List jobs, newest first."""
+    from pgjobs.admin import parse_state
+
+    if job_state is not None:
+        parse_state(job_state)  # fail before connecting
+    with _admin() as admin:
+        rows = admin.list_jobs(state=job_state, queue=queue, task=task, limit=limit)
+    if as_json:
+        _print_json(rows)
+    else:
+        _show("jobs", rows, JOB_COLUMNS)
+
+
+def _print_job(job: Any) -> None:
+    import json
+
+    console = _console()
+    fields = [
+        "id",
+        "queue",
+        "task",
+        "state",
+        "priority",
+        "attempts",
+        "max_attempts",
+        "run_at",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "worker",
+        "unique_key",
+    ]
+    for name in fields:
+        console.print(f"[bold]{name:>13}[/bold]  {_cell(getattr(job, name))}", markup=True)
+    for name in ("args", "progress", "result", "meta"):
+        value = getattr(job, name)
+        console.print(f"[bold]{name:>13}[/bold]  ", end="", markup=True)
+        console.print(json.dumps(value, sort_keys=True), markup=False)
+    if not job.errors:
+        console.print(f"[bold]{'errors':>13}[/bold]  none", markup=True)
+        return
+    console.print(f"[bold]{'errors':>13}[/bold]  {len(job.errors)}", markup=True)
+    for error in job.errors:
+        console.print(
+            f"  attempt {error.get('attempt')} at {error.get('at')} on "
+            f"{error.get('worker') or error.get('operator') or '-'}: "
+            f"{error.get('type')}: {error.get('message')}",
+            markup=False,
+        )
+        if error.get("traceback"):
+            for line in str(error["traceback"]).rstrip().splitlines():
+                console.print("    " + line, markup=False)
+
+
+@jobs_cli.command("show")
+@reports_errors
+def jobs_show(job_id: Annotated[int, typer.Argument()], as_json: JsonOption = False) -> None:
+    """Show one job: args, errors with tracebacks, progress, result, timestamps, worker."""
+    with _admin() as admin:
+        job = admin.get_job(job_id)
+    if as_json:
+        _print_json(job)
+    else:
+        _print_job(job)
+
+
+@jobs_cli.command("cancel")
+@reports_errors
+def jobs_cancel(job_id: Annotated[int, typer.Argument()], as_json: JsonOption = False) -> None:
+    """Cancel a job that has not started. (Running jobs cannot be cancelled yet.)"""
+    with _admin() as admin:
+        job = admin.cancel_job(job_id)
+    if as_json:
+        _print_json(job)
+    else:
+        typer.echo(f"job {job.id} cancelled")
+
+
+@jobs_cli.command("retry")
+@reports_errors
+def jobs_retry(job_id: Annotated[int, typer.Argument()], as_json: JsonOption = False) -> None:
+    """Run a dead, cancelled, retryable or scheduled job again now. A job out of attempts
+    gets one more (max_attempts becomes attempts + 1)."""
+    with _admin() as admin:
+        job = admin.retry_job(job_id)
+    if as_json:
+        _print_json(job)
+    else:
+        typer.echo(
+            f"job {job.id} is available again (attempt {job.attempts + 1} of {job.max_attempts})"
+        )
+
+
+DEAD_COLUMNS = [
+    ("id", "id"),
+    ("queue", "queue"),
+    ("task", "task"),
+    ("attempts", "attempts"),
+    ("finished_at", "died"),
+    ("last_error_type", "error"),
+    ("last_error", "message"),
+]
+
+
+@dead_cli.command("list")
+@reports_errors
+def dead_list(
+    queue: Annotated[str | None, typer.Option("--queue")] = None,
+    task: Annotated[str | None, typer.Option("--task")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1)] = 50,
+    as_json: JsonOption = False,
+) -> None:
+    """List dead jobs, newest death first."""
+    with _admin() as admin:
+        rows = admin.dead_jobs(queue=queue, task=task, limit=limit)
+    if as_json:
+        _print_json(rows)
+    else:
+        _show("dead jobs", rows, DEAD_COLUMNS)
+
+
+@dead_cli.command("show")
+@reports_errors
+def dead_show(job_id: Annotated[int, typer.Argument()], as_json: JsonOption = False) -> None:
+    """Show one dead job with its errors and tracebacks."""
+    with _admin() as admin:
+        job = admin.get_dead_job(job_id)
+    if as_json:
+        _print_json(job)
+    else:
+        _print_job(job)
+
+
+@dead_cli.command("retry")
+@reports_errors
+def dead_retry(
+    job_ids: Annotated[list[int] | None, typer.Argument(help="Dead job ids.")] = None,
+    all_jobs: Annotated[bool, typer.Option("--all", help="Every dead job.")] = False,
+    task: Annotated[str | None, typer.Option("--task", help="Every dead job of a task.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Retry dead jobs (ids, --all, or --task T): they run again now, one more attempt
+    each if they used all of theirs."""
+    with _admin() as admin:
+        result = admin.retry_dead(job_ids or (), all_jobs=all_jobs, task=task)
+    _report_batch("Retried", result, as_json)
+
+
+@dead_cli.command("delete")
+@reports_errors
+def dead_delete(
+    job_ids: Annotated[list[int], typer.Argument(help="Dead job ids.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Delete dead jobs by id."""
+    with _admin() as admin:
+        result = admin.delete_dead(job_ids)
+    _report_batch("Deleted", result, as_json)
+
+
+@dead_cli.command("purge")
+@reports_errors
+def dead_purge(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Dead for longer than this, e.g. 7d, 12h.")
+    ],
+    as_json: JsonOption = False,
+) -> None:
+    """Delete dead jobs that died longer ago than --older-than (in bounded batches)."""
+    period = _duration(older_than, "--older-than")
+    with _admin() as admin:
+        deleted = admin.purge_dead(period)
+    if as_json:
+        _print_json({"deleted": deleted})
+    else:
+        typer.echo(f"purged {deleted} dead job(s)")
+
+
+STATS_COLUMNS = [
+    ("queue", "queue"),
+    ("paused", "paused"),
+    ("scheduled", "sched"),
+    ("available", "avail"),
+    ("running", "running"),
+    ("retryable", "retry"),
+    ("dead", "dead"),
+    ("succeeded", "done"),
+    ("oldest_waiting_age", "oldest wait"),
+    ("rate_done", "done/min 1·5·15m"),
+    ("rate_failed", "failed/min 1·5·15m"),
+    ("failure_rate_15m", "fail% 15m"),
+]
+
+
+def _stats_table(rows: list[dict[str, Any]]) -> Any:
+    for row in rows:
+        row["rate_done"] = "{} · {} · {}".format(
+            row["succeeded_per_min_1m"], row["succeeded_per_min_5m"], row["succeeded_per_min_15m"]
+        )
+        row["rate_failed"] = "{} · {} · {}".format(
+            row["failed_per_min_1m"], row["failed_per_min_5m"], row["failed_per_min_15m"]
+        )
+        rate = row["failure_rate_15m"]
+        row["failure_rate_15m"] = f"{float(rate):.1%}" if rate is not None else "-"
+    return _table("queues", rows, STATS_COLUMNS)
+
+
+@cli.command("stats")
+@reports_errors
+def stats(
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh in place.")] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", "-n", min=0.1, help="Seconds between refreshes.")
+    ] = 2.0,
+    count: Annotated[
+        int | None, typer.Option("--count", min=1, help="With --watch: stop after N.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Per queue: jobs by state, oldest waiting job, done and failed per minute over the
+    last 1/5/15 minutes, failure rate. --watch refreshes every --interval seconds."""
+    import time
+
+    with _admin() as admin:
+        if as_json:
+            _print_json(admin.stats())
+            return
+        if not watch:
+            _console().print(_stats_table(admin.stats()))
+            return
+        from rich.live import Live
+
+        with Live(_stats_table(admin.stats()), console=_console(), auto_refresh=False) as live:
+            shown = 1
+            while count is None or shown < count:
+                time.sleep(interval)
+                live.update(_stats_table(admin.stats()), refresh=True)
+                shown += 1
+
+
+WORKER_COLUMNS = [
+    ("worker", "worker"),
+    ("host", "host"),
+    ("pid", "pid"),
+    ("queues", "queues"),
+    ("concurrency", "slots"),
+    ("uptime", "uptime"),
+    ("jobs_succeeded", "done"),
+    ("jobs_failed", "failed"),
+    ("current_jobs", "current jobs"),
+    ("heartbeat_age", "heartbeat"),
+    ("alive", "alive"),
+]
+
+
+@cli.command("workers")
+@reports_errors
+def workers(
+    heartbeat_timeout: Annotated[
+        float,
+        typer.Option("--heartbeat-timeout", min=0.1, help="Seconds of silence = not alive."),
+    ] = 30.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Per worker: host, pid, queues, uptime, jobs done/failed, current jobs, heartbeat."""
+    with _admin() as admin:
+        rows = admin.workers(heartbeat_timeout=heartbeat_timeout)
+    if as_json:
+        _print_json(rows)
+    else:
+        _show("workers", rows, WORKER_COLUMNS)
+
+
+@queues_cli.command("list")
+@reports_errors
+def queues_list(as_json: JsonOption = False) -> None:
+    """Queues with jobs or settings: paused, waiting, running, dead."""
+    with _admin() as admin:
+        rows = admin.queues()
+    if as_json:
+        _print_json(rows)
+    else:
+        columns = [
+            ("name", "queue"),
+            ("paused", "paused"),
+            ("paused_at", "since"),
+            ("waiting", "waiting"),
+            ("running", "running"),
+            ("dead", "dead"),
+        ]
+        _show("queues", rows, columns)
+
+
+@queues_cli.command("pause")
+@reports_errors
+def queues_pause(name: Annotated[str, typer.Argument()], as_json: JsonOption = False) -> None:
+    """Pause a queue (the state lives in the database, for every worker)."""
+    with _admin() as admin:
+        row = admin.pause_queue(name)
+    _print_json(row) if as_json else typer.echo(f"queue {name} paused")
+
+
+@queues_cli.command("resume")
+@reports_errors
+def queues_resume(name: Annotated[str, typer.Argument()], as_json: JsonOption = False) -> None:
+    """Resume a paused queue."""
+    with _admin() as admin:
+        row = admin.resume_queue(name)
+    _print_json(row) if as_json else typer.echo(f"queue {name} resumed")
+
+
+@cli.command("prune")
+@reports_errors
+def prune(
+    succeeded: Annotated[str, typer.Option("--succeeded", help="Keep succeeded jobs.")] = "1d",
+    cancelled: Annotated[str, typer.Option("--cancelled", help="Keep cancelled jobs.")] = "7d",
+    dead: Annotated[
+        str, typer.Option("--dead", help="Keep dead jobs ('never' prunes none).")
+    ] = "never",
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Rows deleted per statement.")
+    ] = 10_000,
+    as_json: JsonOption = False,
+) -> None:
+    """Delete finished jobs older than their state's retention, in bounded batches.
+    Durations like 12h, 7d, 1d12h; 'never' keeps that state forever."""
+    from pgjobs.admin import Retention
+
+    retention = Retention(
+        succeeded=_retention(succeeded, "--succeeded"),
+        cancelled=_retention(cancelled, "--cancelled"),
+        dead=_retention(dead, "--dead"),
+    )
+    with _admin(batch_size) as admin:
+        deleted = admin.prune(retention)
+    if as_json:
+        _print_json(deleted)
+    else:
+        typer.echo(", ".join(f"{n} {s}" for s, n in deleted.items()) + " job(s) pruned")
+
+
+@cli.command("doctor")
+@reports_errors
+def doctor(
+    heartbeat_timeout: Annotated[
+        float, typer.Option("--heartbeat-timeout", min=0.1, help="Seconds; as `pgjobs work`.")
+    ] = 30.0,
+    transaction_warn: Annotated[
+        str, typer.Option("--long-transaction", help="Open longer than this warns.")
+    ] = "5m",
+    as_json: JsonOption = False,
+) -> None:
+    """Check the installation; each check has a verdict (ok, warn, fail) and a fix.
+    Exit status 1 when a check fails, 0 otherwise (warnings included)."""
+    from pgjobs.doctor import Doctor, Thresholds, Verdict, worst
+
+    warn_after = _duration(transaction_warn, "--long-transaction").total_seconds()
+    thresholds = Thresholds(
+        heartbeat_timeout=heartbeat_timeout,
+        transaction_warn=warn_after,
+        transaction_fail=max(warn_after * 12, Thresholds().transaction_fail),
+    )
+    checks = Doctor(state.url(), state.schema_name(), thresholds).run()
+    if as_json:
+        _print_json(checks)
+    else:
+        console = _console()
+        style = {Verdict.OK: "green", Verdict.WARN: "yellow", Verdict.FAIL: "red"}
+        for check in checks:
+            console.print(
+                f"[{style[check.verdict]}]{check.verdict.value.upper():>4}[/] "
+                f"[bold]{check.name}[/bold]: ",
+                end="",
+            )
+            console.print(check.summary, markup=False)
+            if check.fix:
+                console.print("      fix: " + check.fix, markup=False)
+    if worst(checks) is Verdict.FAIL:
+        raise typer.Exit(1)
 
 
 def main() -> None:

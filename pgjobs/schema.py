@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -124,4 +125,21 @@ workers = Table(
     Column("jobs_succeeded", BigInteger, nullable=False, server_default=text("0")),
     Column("jobs_failed", BigInteger, nullable=False, server_default=text("0")),
     Column("meta", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+)
+
+queues = Table(
+    "queues",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("paused", Boolean, nullable=False, server_default=text("false")),
+    Column("paused_at", DateTime(timezone=True)),
+    Column("dead_alert_threshold", Integer),
+    Column("meta", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    CheckConstraint("name ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$'", name="queues_name"),
+    CheckConstraint("paused = (paused_at IS NOT NULL)", name="queues_paused_at_iff_paused"),
+    CheckConstraint(
+        "dead_alert_threshold IS NULL OR dead_alert_threshold >= 1",
+        name="queues_dead_alert_threshold_positive",
+    ),
+    CheckConstraint("jsonb_typeof(meta) = 'object'", name="queues_meta_object"),
 )

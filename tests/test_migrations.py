@@ -293,11 +293,17 @@ def downgrade():
 """
 
 
-@pytest.mark.parametrize("revision", ["pgjobs@head", "pgjobs"])
-def test_branch_label_names_the_head(revision: str) -> None:
+def test_branch_label_sits_on_the_first_revision_and_names_the_branch() -> None:
+    """Alembic's convention: the label is on the branch's root, and ``pgjobs@head`` /
+    ``pgjobs@base`` name its ends, however many revisions follow."""
     from alembic.script import ScriptDirectory
 
     config = Config()
     config.set_main_option("script_location", str(LOCATION))
     scripts = ScriptDirectory.from_config(config)
-    assert scripts.get_revision(revision).revision == migrate.head()  # type: ignore[union-attr]
+    assert scripts.get_revision("pgjobs@head").revision == migrate.head()  # type: ignore[union-attr]
+    labelled = [s.revision for s in scripts.walk_revisions() if "pgjobs" in s.branch_labels]
+    root = [s.revision for s in scripts.walk_revisions() if s.down_revision is None]
+    assert root == ["pgjobs_0001"]
+    # Alembic lists a label on every revision of the branch; it is declared on the root only.
+    assert "pgjobs_0001" in labelled and scripts.get_revision("pgjobs_0001").branch_labels

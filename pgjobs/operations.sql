@@ -1,0 +1,301 @@
+-- Every statement pgjobs' operator tools run (pgjobs.admin, pgjobs.doctor, the CLI).
+--
+-- Same format as queries.sql: each block starts with `-- name: <query>`, `{schema}` is the
+-- quoted schema identifier, values are bound (%(name)s, %(name)b for binary arrays),
+-- literal percent signs are doubled (%%). Names are unique across both files.
+--
+-- Rules: writes to several rows lock them in id order first (two operators, or an operator
+-- and a worker's batch, cannot deadlock); deletes go in bounded batches (the caller loops);
+-- a running job is never touched here: its worker holds the lease.
+
+
+-- ===== jobs =====
+
+
+-- name: list_jobs
+-- Newest first. A NULL filter matches everything; the primary key walked backwards stops
+-- after `limit` matches.
+SELECT id, queue, task, state, priority, attempts, max_attempts, run_at, created_at,
+       started_at, finished_at, worker, unique_key,
+       errors -> -1 ->> 'type' AS last_error_type,
+       errors -> -1 ->> 'message' AS last_error
+FROM {schema}.jobs
+WHERE (%(state)s::text IS NULL OR state = %(state)s::text::{schema}.job_state)
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+  AND (%(task)s::text IS NULL OR task = %(task)s::text)
+ORDER BY id DESC
+LIMIT %(limit)s;
+
+
+-- name: cancel_job
+-- Cancel one job that is not running (scheduled, available, retryable, pending): it
+-- becomes `cancelled` with an error entry naming the operator action. The row is locked
+-- first, so a worker claiming it at the same moment either wins (the job is running and
+-- is left alone) or waits and then skips it. Returns the state the job was in, and
+-- whether it was cancelled; no row: no such job.
+WITH target AS MATERIALIZED (
+    SELECT id, state
+    FROM {schema}.jobs
+    WHERE id = %(id)s
+    FOR NO KEY UPDATE
+),
+cancelled AS (
+    UPDATE {schema}.jobs AS j
+    SET state = 'cancelled',
+        finished_at = now(),
+        errors = j.errors || jsonb_build_array(jsonb_build_object(
+            'attempt', j.attempts,
+            'at', now(),
+            'type', 'Cancelled',
+            'message', %(message)s::text,
+            'traceback', NULL,
+            'worker', NULL,
+            'operator', %(operator)s::text))
+    FROM target
+    WHERE j.id = target.id
+      AND j.state IN ('scheduled', 'available', 'retryable', 'pending')
+    RETURNING j.id
+)
+SELECT target.state::text AS previous_state,
+       EXISTS (SELECT 1 FROM cancelled) AS cancelled
+FROM target;
+
+
+-- name: job_states
+-- The current state of each of these jobs (to explain why some were not changed).
+SELECT id, state::text AS state, unique_key
+FROM {schema}.jobs
+WHERE id = ANY(%(ids)b::bigint[])
+ORDER BY id;
+
+
+-- name: retry_jobs
+-- Make these jobs runnable now: those in one of `states` become `available`, keep their
+-- attempts and error history, and get one more attempt if they used all of theirs
+-- (max_attempts raised to attempts + 1), so a retry always runs the job once more.
+-- A job whose unique_key is held by another live job is left as it is (a retry must not
+-- make a duplicate), and of several retried jobs sharing a key only the oldest is
+-- retried. One NOTIFY per queue wakes the workers, as enqueue does, unless the server's
+-- notification queue is filling up (the fallback poll finds them then).
+WITH locked AS MATERIALIZED (
+    SELECT j.id, j.unique_key
+    FROM {schema}.jobs AS j
+    WHERE j.id = ANY(%(ids)b::bigint[])
+      AND j.state::text = ANY(%(states)b::text[])
+    ORDER BY j.id
+    FOR NO KEY UPDATE
+),
+eligible AS (
+    SELECT id FROM locked WHERE unique_key IS NULL
+    UNION ALL
+    SELECT min(l.id)
+    FROM locked AS l
+    WHERE l.unique_key IS NOT NULL
+      AND NOT EXISTS (
+          SELECT 1 FROM {schema}.jobs AS live
+          WHERE live.unique_key = l.unique_key
+            AND live.id <> l.id
+            AND live.state IN ('scheduled', 'available', 'running', 'retryable', 'pending'))
+    GROUP BY l.unique_key
+),
+retried AS (
+    UPDATE {schema}.jobs AS j
+    SET state = 'available',
+        run_at = now(),
+        finished_at = NULL,
+        max_attempts = greatest(j.max_attempts, j.attempts + 1),
+        errors = j.errors || jsonb_build_array(jsonb_build_object(
+            'attempt', j.attempts,
+            'at', now(),
+            'type', 'Retried',
+            'message', format('retried by an operator from state %%s', j.state),
+            'traceback', NULL,
+            'worker', NULL,
+            'operator', %(operator)s::text))
+    FROM eligible
+    WHERE j.id = eligible.id
+    RETURNING j.id, j.queue
+),
+notified AS (
+    SELECT count(pg_notify(%(channel)s, json_build_object('queue', queue, 'jobs', jobs)::text))
+    FROM (SELECT queue, count(*) AS jobs FROM retried GROUP BY queue) AS per_queue
+    WHERE pg_notification_queue_usage() < %(notify_queue_limit)s
+)
+SELECT retried.id
+FROM retried CROSS JOIN notified
+ORDER BY retried.id;
+
+
+-- ===== dead-letter queue =====
+
+
+-- name: list_dead
+-- The dead-letter queue, newest death first (jobs_finished_idx).
+SELECT id, queue, task, args, attempts, max_attempts, last_error_type, last_error,
+       created_at, finished_at, worker, unique_key
+FROM {schema}.dead_jobs
+WHERE (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+  AND (%(task)s::text IS NULL OR task = %(task)s::text)
+ORDER BY finished_at DESC, id DESC
+LIMIT %(limit)s;
+
+
+-- name: dead_ids_batch
+-- The next batch of dead job ids after `after`, in id order (retry --all / --task walks
+-- the dead-letter queue with this, one bounded batch per statement).
+SELECT id
+FROM {schema}.jobs
+WHERE state = 'dead'
+  AND id > %(after)s
+  AND (%(task)s::text IS NULL OR task = %(task)s::text)
+ORDER BY id
+LIMIT %(limit)s;
+
+
+-- name: delete_dead
+-- Delete these jobs if they are dead (rows locked in id order first). Returns the ids
+-- deleted.
+WITH doomed AS MATERIALIZED (
+    SELECT id
+    FROM {schema}.jobs
+    WHERE id = ANY(%(ids)b::bigint[]) AND state = 'dead'
+    ORDER BY id
+    FOR UPDATE
+)
+DELETE FROM {schema}.jobs AS j
+USING doomed
+WHERE j.id = doomed.id AND j.state = 'dead'
+RETURNING j.id;
+
+
+-- name: prune_batch
+-- Delete at most `limit` jobs in final state `state` that finished more than
+-- `older_than` seconds ago; the caller repeats until fewer come back. finished_at is
+-- set exactly for final states (CHECK jobs_finished_iff_final), so this can never reach a
+-- live job. SKIP LOCKED: a row an operator is retrying right now is left for next time.
+WITH doomed AS MATERIALIZED (
+    SELECT id
+    FROM {schema}.jobs
+    WHERE state = %(state)s::text::{schema}.job_state
+      AND state IN ('succeeded', 'dead', 'cancelled')
+      AND finished_at < now() - make_interval(secs => %(older_than)s::float8)
+    ORDER BY id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM {schema}.jobs AS j
+USING doomed
+WHERE j.id = doomed.id
+RETURNING j.id;
+
+
+-- ===== queues, stats, workers =====
+
+
+-- name: queue_stats
+SELECT *
+FROM {schema}.queue_stats
+ORDER BY queue;
+
+
+-- name: worker_stats
+-- `timeout` seconds of silence make a worker not alive (the view reads the setting).
+SELECT worker, host, pid, queues, concurrency, started_at, uptime, jobs_succeeded,
+       jobs_failed, current_jobs, last_heartbeat, heartbeat_age,
+       last_heartbeat >= now() - make_interval(secs => %(timeout)s::float8) AS alive
+FROM {schema}.worker_stats
+ORDER BY host, pid, worker;
+
+
+-- name: throughput
+SELECT minute, queue, succeeded, failed
+FROM {schema}.throughput_per_minute
+ORDER BY minute, queue;
+
+
+-- name: set_paused
+-- Pause or resume a queue (creating its row on first use). paused_at keeps the moment of
+-- the first pause while the queue stays paused.
+INSERT INTO {schema}.queues AS q (name, paused, paused_at)
+VALUES (%(name)s, %(paused)s, CASE WHEN %(paused)s THEN now() END)
+ON CONFLICT (name) DO UPDATE
+SET paused = excluded.paused,
+    paused_at = CASE WHEN excluded.paused THEN coalesce(q.paused_at, now()) END
+RETURNING name, paused, paused_at, dead_alert_threshold;
+
+
+-- name: list_queues
+-- Every queue that has jobs or settings, with its settings and depth.
+SELECT s.queue AS name, s.paused, q.paused_at, q.dead_alert_threshold,
+       s.scheduled + s.available + s.retryable + s.pending AS waiting,
+       s.running, s.dead
+FROM {schema}.queue_stats AS s
+LEFT JOIN {schema}.queues AS q ON q.name = s.queue
+ORDER BY s.queue;
+
+
+-- ===== doctor =====
+
+
+-- name: doctor_transactions
+-- Sessions of this database holding a transaction open (they hold back vacuum: dead rows
+-- of the jobs table cannot be removed while an older snapshot might still see them).
+SELECT pid, usename::text AS usename, application_name, state,
+       extract(epoch FROM now() - xact_start)::float8 AS xact_seconds,
+       age(backend_xmin) AS xmin_age,
+       left(regexp_replace(query, '\s+', ' ', 'g'), 120) AS query
+FROM pg_stat_activity
+WHERE datname = current_database()
+  AND pid <> pg_backend_pid()
+  AND xact_start IS NOT NULL
+  AND (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)
+ORDER BY xact_start
+LIMIT 5;
+
+
+-- name: doctor_table_stats
+SELECT n_live_tup, n_dead_tup, last_vacuum, last_autovacuum, last_analyze, last_autoanalyze,
+       vacuum_count, autovacuum_count
+FROM pg_stat_user_tables
+WHERE relid = %(table)s::regclass;
+
+
+-- name: doctor_notification_queue
+SELECT pg_notification_queue_usage()::float8 AS usage;
+
+
+-- name: doctor_orphaned_jobs
+-- Running jobs whose worker has been silent longer than `timeout` seconds, or whose
+-- worker row is gone (jobs_running_idx).
+SELECT j.id, j.queue, j.task, j.worker,
+       extract(epoch FROM now() - w.last_heartbeat)::float8 AS heartbeat_age,
+       w.id IS NULL AS worker_missing
+FROM {schema}.jobs AS j
+LEFT JOIN {schema}.workers AS w ON w.id = j.worker
+WHERE j.state = 'running'
+  AND (w.id IS NULL OR w.last_heartbeat < now() - make_interval(secs => %(timeout)s::float8))
+ORDER BY j.id
+LIMIT 100;
+
+
+-- name: doctor_live_workers
+SELECT count(*) AS workers
+FROM {schema}.workers
+WHERE last_heartbeat >= now() - make_interval(secs => %(timeout)s::float8);
+
+
+-- name: doctor_unserved_queues
+-- Queues with a job runnable now, not paused, that no live worker serves. Per queue the
+-- runnable job count comes from jobs_runnable_idx.
+SELECT r.queue, count(*) AS runnable
+FROM {schema}.jobs AS r
+WHERE r.state IN ('available', 'scheduled', 'retryable')
+  AND r.run_at <= now()
+  AND r.attempts < r.max_attempts
+  AND NOT EXISTS (SELECT 1 FROM {schema}.queues AS q WHERE q.name = r.queue AND q.paused)
+  AND NOT EXISTS (
+      SELECT 1 FROM {schema}.workers AS w
+      WHERE r.queue = ANY(w.queues)
+        AND w.last_heartbeat >= now() - make_interval(secs => %(timeout)s::float8))
+GROUP BY r.queue
+ORDER BY r.queue;
