@@ -12,6 +12,12 @@ behind each other, and the first to notice a dead worker rescues its jobs.
 A worker that finds its own row gone was declared dead (paused past ``timeout``, cut off
 from the database): it registers again and asks its loop to check which leases it still
 holds (``on_lost``), since its jobs may be running elsewhere by now.
+
+Retention runs here too: every ``prune_interval`` seconds one worker (whichever takes the
+schema's prune lock, a transaction-level advisory lock, so no leader has to be elected or
+lost) deletes one bounded batch of finished jobs past their retention per final state. A
+full batch brings the next pass forward, so a large backlog drains in steady small
+transactions instead of one long one.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ import json
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
+from pgjobs.admin import Retention
 from pgjobs.errors import DatabaseError, SchemaNotReadyError
 from pgjobs.queries import Queries
 from pgjobs.worker_db import connect_sync
@@ -34,6 +42,9 @@ from pgjobs.worker_db import connect_sync
 log = logging.getLogger("pgjobs.maintenance")
 
 APPLICATION_NAME = "pgjobs-heartbeat"
+PRUNE_INTERVAL = 60.0
+PRUNE_BATCH = 10_000
+DEFAULT_RETENTION = Retention()
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +82,9 @@ class Maintenance:
         interval: float,
         timeout: float,
         on_lost: Callable[[], None],
+        retention: Retention | None = DEFAULT_RETENTION,
+        prune_interval: float = PRUNE_INTERVAL,
+        prune_batch: int = PRUNE_BATCH,
     ) -> None:
         self.url = url
         self.queries = queries
@@ -79,6 +93,12 @@ class Maintenance:
         self.timeout = timeout
         self.on_lost = on_lost
         self.rescued = 0
+        self.retention = retention
+        self.prune_interval = prune_interval
+        self.prune_batch = prune_batch
+        self.pruned = 0
+        # Not at once: a fleet restarting together should not all try to prune on start.
+        self._prune_at = time.monotonic() + prune_interval * random.uniform(0.5, 1.0)
         self._conn: psycopg.Connection[Any] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pgjobs-heartbeat", daemon=True)
@@ -119,7 +139,7 @@ class Maintenance:
                 self._drop()
 
     def tick(self) -> None:
-        """One heartbeat, then one rescue pass."""
+        """One heartbeat, then one rescue pass, then (when due) one retention pass."""
         conn = self._connection()
         row = conn.execute(self.queries.heartbeat, {"id": self.registration.id}).fetchone()
         if row is None:
@@ -132,6 +152,9 @@ class Maintenance:
             conn.execute(self.queries.register_worker, self.registration.params())
             self.on_lost()
         self.rescue(conn)
+        if self.retention is not None and time.monotonic() >= self._prune_at:
+            full = self.prune(conn)
+            self._prune_at = time.monotonic() + (self.interval if full else self.prune_interval)
 
     def rescue(self, conn: psycopg.Connection[Any]) -> None:
         """Rescue the jobs of dead workers (whichever live worker gets there first)."""
@@ -148,6 +171,30 @@ class Maintenance:
                 dead,
                 workers,
             )
+
+    def prune(self, conn: psycopg.Connection[Any]) -> bool:
+        """Delete one batch of expired finished jobs per state, if no other worker is
+        pruning this schema right now; True when a batch came back full (more to do)."""
+        assert self.retention is not None
+        full = False
+        with conn.transaction():
+            lock = {"key": f"pgjobs:{self.queries.schema}:prune"}
+            if conn.execute(self.queries.try_prune_lock, lock).fetchone() != (True,):
+                return False
+            for state, period in self.retention.periods().items():
+                if period is None:
+                    continue
+                params = {
+                    "state": state,
+                    "older_than": period.total_seconds(),
+                    "limit": self.prune_batch,
+                }
+                deleted = len(conn.execute(self.queries.prune_batch, params).fetchall())
+                self.pruned += deleted
+                full = full or deleted == self.prune_batch
+                if deleted:
+                    log.info("retention: deleted %d %s job(s) past %s", deleted, state, period)
+        return full
 
     def _connect(self) -> psycopg.Connection[Any]:
         return connect_sync(self.url, APPLICATION_NAME)

@@ -168,6 +168,12 @@ WHERE j.id = doomed.id AND j.state = 'dead'
 RETURNING j.id;
 
 
+-- name: try_prune_lock
+-- Taken by a worker's retention pass for the length of its transaction: one worker at a
+-- time prunes a schema, and a worker that dies lets go of it with its transaction.
+SELECT pg_try_advisory_xact_lock(hashtext(%(key)s));
+
+
 -- name: prune_batch
 -- Delete at most `limit` jobs in final state `state` that finished more than
 -- `older_than` seconds ago; the caller repeats until fewer come back. finished_at is
