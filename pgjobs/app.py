@@ -39,6 +39,9 @@ from pgjobs.task import Task, TaskConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# pgjobs' own connections commit every statement unless it opens a transaction itself.
+_POOL_KWARGS: dict[str, Any] = {"autocommit": True}
+
 
 class App:
     """A pgjobs application: where jobs live and which tasks exist.
@@ -87,6 +90,8 @@ class App:
     @overload
     def task(
         self,
+        fn: None = None,
+        /,
         *,
         name: str | None = None,
         queue: str = DEFAULT_QUEUE,
@@ -260,8 +265,13 @@ class App:
             return []
         if conn is not None:
             return self.writer.insert(sync_connection(conn), specs, options.on_duplicate)
+        # Pool connections are autocommit: one job is one statement and one round trip
+        # (no BEGIN, no COMMIT); several are written in one transaction, all or nothing.
         with self.pool.connection() as own:
-            return self.writer.insert(own, specs, options.on_duplicate)
+            if len(specs) == 1:
+                return self.writer.insert(own, specs, options.on_duplicate)
+            with own.transaction():
+                return self.writer.insert(own, specs, options.on_duplicate)
 
     async def _enqueue_specs_async(
         self, specs: list[JobSpec], options: Options, conn: Any
@@ -274,7 +284,10 @@ class App:
             )
         pool = await self.async_pool()
         async with pool.connection() as own:
-            return await self.writer.insert_async(own, specs, options.on_duplicate)
+            if len(specs) == 1:
+                return await self.writer.insert_async(own, specs, options.on_duplicate)
+            async with own.transaction():
+                return await self.writer.insert_async(own, specs, options.on_duplicate)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -313,7 +326,9 @@ class App:
 
     @property
     def pool(self) -> ConnectionPool:
-        """pgjobs' own connection pool, opened on first use."""
+        """pgjobs' own connection pool, opened on first use. Its connections are in
+        autocommit mode (a single enqueue is one round trip); wrap work that must be atomic
+        in ``conn.transaction()``."""
         if self._pool is None:
             url = self.database_url
             with self._lock:
@@ -322,17 +337,28 @@ class App:
                     # the timeout; one direct attempt first fails fast, with libpq's reason.
                     connect(url, connect_timeout=CONNECT_TIMEOUT).close()
                     self._pool = _open(
-                        ConnectionPool(url, min_size=1, max_size=self.pool_size, open=False)
+                        ConnectionPool(
+                            url,
+                            min_size=1,
+                            max_size=self.pool_size,
+                            kwargs=_POOL_KWARGS,
+                            open=False,
+                        )
                     )
         return self._pool
 
     async def async_pool(self) -> AsyncConnectionPool:
-        """pgjobs' own async connection pool, opened on first use."""
+        """pgjobs' own async connection pool, opened on first use (autocommit, like
+        :attr:`pool`)."""
         if self._async_pool is None:
             # Fail fast with libpq's reason, as the sync pool does.
             await (await connect_async(self.database_url, connect_timeout=CONNECT_TIMEOUT)).close()
             pool = AsyncConnectionPool(
-                self.database_url, min_size=1, max_size=self.pool_size, open=False
+                self.database_url,
+                min_size=1,
+                max_size=self.pool_size,
+                kwargs=_POOL_KWARGS,
+                open=False,
             )
             try:
                 await pool.open(wait=True, timeout=10)

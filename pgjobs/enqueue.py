@@ -34,6 +34,9 @@ _UNIQUE_ROUNDS = 5
 MAX_DELAY = timedelta(days=36_525)  # a century
 MAX_ATTEMPTS_LIMIT = 2**31 - 1
 UNIQUE_KEY_MAX_BYTES = 1024
+# No NOTIFY once the server's notification queue is this full (a commit must never fail
+# because of it; workers poll).
+_NOTIFY_QUEUE_LIMIT = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +110,7 @@ class Options:
             run_at=run_at,
             delay=_seconds(delay),
             unique_key=unique_key,
-            meta=to_json(meta or {}, "job metadata"),
+            meta=to_json(meta, "job metadata") if meta else "{}",
             on_duplicate=on_duplicate,
         )
 
@@ -225,7 +228,24 @@ def _params(specs: Sequence[JobSpec], channel: str, notify: bool) -> dict[str, A
         "meta": [s.meta for s in specs],
         "channel": channel,
         "notify": notify,
-        "notify_queue_limit": 0.5,
+        "notify_queue_limit": _NOTIFY_QUEUE_LIMIT,
+    }
+
+
+def _one_params(spec: JobSpec, channel: str, notify: bool) -> dict[str, Any]:
+    return {
+        "queue": spec.queue,
+        "task": spec.task,
+        "args": spec.args,
+        "priority": spec.priority,
+        "max_attempts": spec.max_attempts,
+        "run_at": spec.run_at,
+        "delay": spec.delay,
+        "unique_key": spec.unique_key,
+        "meta": spec.meta,
+        "channel": channel,
+        "notify": notify,
+        "notify_queue_limit": _NOTIFY_QUEUE_LIMIT,
     }
 
 
@@ -257,6 +277,8 @@ class Writer:
         self, conn: psycopg.Connection[Any], specs: Sequence[JobSpec], on_duplicate: OnDuplicate
     ) -> list[int | None]:
         """Insert ``specs`` through ``conn``; duplicates resolve per ``on_duplicate``."""
+        if len(specs) == 1:
+            return [self._insert_one(conn, specs[0], on_duplicate)]
         pending = list(range(len(specs)))
         ids: list[int | None] = [None] * len(specs)
         for _ in range(_UNIQUE_ROUNDS):
@@ -282,6 +304,8 @@ class Writer:
         on_duplicate: OnDuplicate,
     ) -> list[int | None]:
         """The async twin of :meth:`insert`."""
+        if len(specs) == 1:
+            return [await self._insert_one_async(conn, specs[0], on_duplicate)]
         pending = list(range(len(specs)))
         ids: list[int | None] = [None] * len(specs)
         for _ in range(_UNIQUE_ROUNDS):
@@ -300,6 +324,41 @@ class Writer:
             pending = self._resolve(specs, pending, inserted, existing, ids, on_duplicate)
             if not pending:
                 return ids
+        raise InvalidJobError("unique keys kept changing hands during enqueue; try again")
+
+    def _insert_one(
+        self, conn: psycopg.Connection[Any], spec: JobSpec, on_duplicate: OnDuplicate
+    ) -> int | None:
+        """One job through ``insert_job`` (scalar parameters); the same rules as insert."""
+        params = _one_params(spec, self.channel, self.notify)
+        for _ in range(_UNIQUE_ROUNDS):
+            with schema_errors(self.queries.schema):
+                row = conn.execute(self.queries.insert_job, params).fetchone()
+                if row is not None:
+                    return int(row[0])
+                found = conn.execute(
+                    self.queries.find_live_unique, {"keys": [spec.unique_key]}
+                ).fetchone()
+            if found is not None:
+                return int(found[1]) if on_duplicate == "existing" else None
+            # The live duplicate finished in between: insert again.
+        raise InvalidJobError("unique keys kept changing hands during enqueue; try again")
+
+    async def _insert_one_async(
+        self, conn: psycopg.AsyncConnection[Any], spec: JobSpec, on_duplicate: OnDuplicate
+    ) -> int | None:
+        """The async twin of :meth:`_insert_one`."""
+        params = _one_params(spec, self.channel, self.notify)
+        for _ in range(_UNIQUE_ROUNDS):
+            with schema_errors(self.queries.schema):
+                cur = await conn.execute(self.queries.insert_job, params)
+                row = await cur.fetchone()
+                if row is not None:
+                    return int(row[0])
+                cur = await conn.execute(self.queries.find_live_unique, {"keys": [spec.unique_key]})
+                found = await cur.fetchone()
+            if found is not None:
+                return int(found[1]) if on_duplicate == "existing" else None
         raise InvalidJobError("unique keys kept changing hands during enqueue; try again")
 
     @staticmethod

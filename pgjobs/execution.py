@@ -49,8 +49,8 @@ class ClaimedJob:
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> ClaimedJob:
-        """From a row of ``claim_jobs``."""
-        return cls(*row)
+        """From a row of ``claim_jobs`` (its last column, ``next_due``, is not the job's)."""
+        return cls(*row[:9])
 
 
 @dataclass(frozen=True, slots=True)

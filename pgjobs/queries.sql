@@ -50,6 +50,36 @@ FROM inserted CROSS JOIN notified
 ORDER BY inserted.id;
 
 
+-- name: insert_job
+-- insert_jobs for exactly one job (the common single enqueue): scalar parameters instead
+-- of arrays, no unnest and no grouping, otherwise the same: a duplicate of a live
+-- unique_key is skipped (no row back), and one NOTIFY is queued for a job that is
+-- runnable now, unless the notification queue is filling up.
+WITH inserted AS (
+    INSERT INTO {schema}.jobs (queue, task, args, state, priority, max_attempts, run_at,
+                               unique_key, meta)
+    SELECT %(queue)s::text, %(task)s::text, %(args)s::jsonb,
+           CASE WHEN r.run_at > now() THEN 'scheduled' ELSE 'available' END::{schema}.job_state,
+           %(priority)s::int2, %(max_attempts)s::int4, r.run_at, %(unique_key)s::text,
+           %(meta)s::jsonb
+    FROM (SELECT coalesce(%(run_at)s::timestamptz,
+                          now() + make_interval(secs => %(delay)s::float8)) AS run_at) AS r
+    ON CONFLICT (unique_key)
+        WHERE unique_key IS NOT NULL
+          AND state IN ('scheduled', 'available', 'running', 'retryable', 'pending')
+        DO NOTHING
+    RETURNING id, queue, state
+),
+notified AS (
+    SELECT count(pg_notify(%(channel)s, json_build_object('queue', queue, 'jobs', 1)::text))
+    FROM inserted
+    WHERE state = 'available' AND %(notify)s
+      AND pg_notification_queue_usage() < %(notify_queue_limit)s
+)
+SELECT inserted.id
+FROM inserted CROSS JOIN notified;
+
+
 -- name: find_live_unique
 -- The live job holding each unique key (the one a duplicate enqueue resolves to).
 SELECT unique_key, id
@@ -79,6 +109,16 @@ WHERE id = %(id)s;
 -- would skip the rows it just locked and return others). FOR NO KEY UPDATE does not
 -- conflict with the FOR KEY SHARE locks of foreign keys pointing at a job. Rows a LATERAL
 -- scan locked beyond the outer LIMIT are released when the statement ends.
+-- The worker runs this as a generic prepared plan (no planning per claim, see worker_db),
+-- so the plan must be right whatever the parameters: the UPDATE reaches the claimed rows
+-- through `id = ANY (ARRAY(...))`, an index lookup on the primary key per id, never a join
+-- the planner might size from a guessed row count.
+-- A claim that comes back short also says when the next waiting job of these queues comes
+-- due, so an idle worker needs no second statement for it: one extra row with a NULL id
+-- and, in next_due, the seconds (by the database clock) until the earliest scheduled or
+-- retryable job is runnable (zero or less: due already; NULL: none waits). One index probe
+-- per queue (jobs_waiting_idx); the jobs this statement claims are left out (its snapshot
+-- still shows them waiting).
 WITH candidates AS MATERIALIZED (
     SELECT c.id
     FROM unnest(%(queues)b::text[]) AS q(name)
@@ -95,17 +135,35 @@ WITH candidates AS MATERIALIZED (
     ) AS c
     ORDER BY c.priority, c.run_at, c.id
     LIMIT %(limit)s
+),
+claimed AS (
+    UPDATE {schema}.jobs AS j
+    SET state = 'running',
+        attempts = j.attempts + 1,
+        worker = %(worker)s,
+        lease_token = gen_random_uuid(),
+        started_at = now()
+    WHERE j.id = ANY (ARRAY(SELECT id FROM candidates))
+    RETURNING j.id, j.queue, j.task, j.args, j.priority, j.run_at, j.attempts,
+              j.max_attempts, j.lease_token
 )
-UPDATE {schema}.jobs AS j
-SET state = 'running',
-    attempts = j.attempts + 1,
-    worker = %(worker)s,
-    lease_token = gen_random_uuid(),
-    started_at = now()
-FROM candidates
-WHERE j.id = candidates.id
-RETURNING j.id, j.queue, j.task, j.args, j.priority, j.run_at, j.attempts, j.max_attempts,
-          j.lease_token;
+SELECT id, queue, task, args, priority, run_at, attempts, max_attempts, lease_token,
+       NULL::float8 AS next_due
+FROM claimed
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       (SELECT extract(epoch FROM min(w.run_at) - now())::float8
+        FROM unnest(%(queues)b::text[]) AS q(name)
+        CROSS JOIN LATERAL (
+            SELECT j.run_at
+            FROM {schema}.jobs AS j
+            WHERE j.queue = q.name AND j.state IN ('scheduled', 'retryable')
+              AND j.attempts < j.max_attempts
+              AND j.id NOT IN (SELECT id FROM candidates)
+            ORDER BY j.run_at
+            LIMIT 1
+        ) AS w)
+WHERE (SELECT count(*) FROM claimed) < %(limit)s;
 
 
 -- name: finish_jobs
@@ -170,23 +228,7 @@ SELECT j.id
 FROM {schema}.jobs AS j
 JOIN unnest(%(id)b::bigint[], %(lease_token)b::uuid[]) AS h(id, lease_token)
   ON h.id = j.id AND h.lease_token = j.lease_token
-WHERE j.state = 'running';
-
-
--- name: next_run_at
--- Seconds (by the database clock) until the earliest waiting job of these queues becomes
--- runnable (zero or less: due already, e.g. it came due between the claim and this
--- statement); NULL when none waits. One index probe per queue (jobs_waiting_idx).
-SELECT extract(epoch FROM min(w.run_at) - now())::float8
-FROM unnest(%(queues)b::text[]) AS q(name)
-CROSS JOIN LATERAL (
-    SELECT j.run_at
-    FROM {schema}.jobs AS j
-    WHERE j.queue = q.name AND j.state IN ('scheduled', 'retryable')
-      AND j.attempts < j.max_attempts
-    ORDER BY j.run_at
-    LIMIT 1
-) AS w;
+WHERE j.id = ANY (%(id)b::bigint[]) AND j.state = 'running';
 
 
 -- name: queues_busy

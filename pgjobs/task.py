@@ -75,6 +75,7 @@ class Task(Generic[P, R]):
                 f"task {config.name!r} has parameter(s) {sorted(clashes)} that clash with "
                 f"enqueue options; rename them"
             )
+        self._fast_check = _fast_check(self._job_signature)
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", config.name)
         self.__wrapped__ = fn
@@ -97,6 +98,13 @@ class Task(Generic[P, R]):
 
     def check_args(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """``kwargs`` if they bind to the task's parameters, else InvalidJobError."""
+        fast = self._fast_check
+        if fast is not None:
+            names, required, any_name = fast
+            keys = kwargs.keys()
+            if required <= keys and (any_name or keys <= names):
+                return kwargs
+            # Fall through: bind() names what is wrong.
         try:
             self._job_signature.bind(**kwargs)
         except TypeError as exc:
@@ -215,6 +223,26 @@ def _batch_options(options: dict[str, Any], unique_key: object = None) -> Option
             f"arguments, not {unique_key!r}"
         )
     return Options.validate(**options)
+
+
+def _fast_check(
+    signature: inspect.Signature,
+) -> tuple[frozenset[str], frozenset[str], bool] | None:
+    """What keyword arguments bind to ``signature``, as sets: (accepted names, required
+    names, whether any other name is accepted). None when a set test cannot decide it
+    (positional-only or ``*args`` parameters): check_args then binds every time."""
+    names, required, any_name = set(), set(), False
+    for name, parameter in signature.parameters.items():
+        kind = parameter.kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            any_name = True
+        elif kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+            names.add(name)
+            if parameter.default is inspect.Parameter.empty:
+                required.add(name)
+        else:
+            return None
+    return frozenset(names), frozenset(required), any_name
 
 
 def _context_parameter(signature: inspect.Signature) -> str | None:

@@ -134,6 +134,8 @@ class Worker:
         self._more = False
         self._refill_since: float | None = None
         self._due_at: float | None = None
+        self._next_due: float | None = None
+        self._next_due_known = False
         self._poll_at = 0.0
         self._signals = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -181,7 +183,7 @@ class Worker:
 
     async def _start(self) -> None:
         url = await asyncio.to_thread(lambda: self.app.database_url)
-        self._conn = await connect_async(url, APPLICATION_NAME, durable=False)
+        self._conn = await connect_async(url, APPLICATION_NAME, durable=False, generic_plans=True)
         self._maintenance = Maintenance(
             url,
             self.app.queries,
@@ -346,6 +348,10 @@ class Worker:
             await self._claim_failed(exc)
             return []
         self.stats.claims += 1
+        if rows and rows[-1][0] is None:
+            # A short claim: its last row says when the next waiting job is due.
+            self._next_due = rows.pop()[9]
+            self._next_due_known = True
         self._more = len(rows) == limit
         jobs = sorted(map(ClaimedJob.from_row, rows), key=lambda j: (j.priority, j.run_at, j.id))
         self.stats.claimed += len(jobs)
@@ -362,7 +368,9 @@ class Worker:
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed:
-            self._conn = await connect_async(self.app.database_url, APPLICATION_NAME, durable=False)
+            self._conn = await connect_async(
+                self.app.database_url, APPLICATION_NAME, durable=False, generic_plans=True
+            )
         return self._conn
 
     def _accept(self, jobs: Iterable[ClaimedJob]) -> None:
@@ -372,7 +380,7 @@ class Worker:
     async def _idle_now(self, jobs: list[ClaimedJob]) -> bool:
         """After a claim that found less than it asked for: learn when the next waiting
         job is due; in burst mode, say whether it is time to exit."""
-        await self._learn_next_due()
+        self._learn_next_due()
         if not self.burst or jobs or self._running or self._buffer:
             return False
         assert self._completions is not None
@@ -385,15 +393,12 @@ class Worker:
         log.info("burst: nothing runnable or running in %s; exiting", ",".join(self.queues))
         return True
 
-    async def _learn_next_due(self) -> None:
-        try:
-            conn = await self._connection()
-            cur = await conn.execute(self.app.queries.next_run_at, {"queues": list(self.queues)})
-            row = await cur.fetchone()
-        except (psycopg.Error, DatabaseError) as exc:
-            log.debug("next_run_at failed: %s", exc)
+    def _learn_next_due(self) -> None:
+        # The short claim just made said when the next waiting job is due (claim_jobs).
+        if not self._next_due_known:
             return
-        seconds = row[0] if row is not None else None
+        self._next_due_known = False
+        seconds, self._next_due = self._next_due, None
         # Never replace what is known locally: a retry this worker just scheduled may not
         # be flushed yet, so the database cannot know about it.
         if seconds is not None:
@@ -414,16 +419,23 @@ class Worker:
             if self._refill_since is not None:
                 deadline = min(deadline, self._refill_since + _REFILL_WINDOW)
             timeout = max(deadline - time.monotonic(), 0.0)
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
-        except TimeoutError:
-            # Poll tick or a known run_at (a refill window is judged by _refill_due).
-            now = time.monotonic()
-            if self._poll_at <= now:
-                self._dirty = True
-            if self._due_at is not None and self._due_at <= now:
-                self._dirty = True
-                self._due_at = None
+        # Waiting on the Event directly (not through wait_for, which wraps the wait in a
+        # task of its own) takes one loop iteration off every wake-up.
+        if not self._wake.is_set():
+            assert self._loop is not None
+            timer = self._loop.call_later(timeout, self._wake.set) if timeout is not None else None
+            try:
+                await self._wake.wait()
+            finally:
+                if timer is not None:
+                    timer.cancel()
+        # Poll tick or a known run_at (a refill window is judged by _refill_due).
+        now = time.monotonic()
+        if self._poll_at <= now:
+            self._dirty = True
+        if self._due_at is not None and self._due_at <= now:
+            self._dirty = True
+            self._due_at = None
         self._wake.clear()
 
     def _poke(self) -> None:
@@ -553,7 +565,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
         import uvloop
     except ImportError:
         return None
-    return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return uvloop.new_event_loop
 
 
 def _queues(app: App, queues: Sequence[str] | None) -> tuple[str, ...]:

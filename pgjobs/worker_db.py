@@ -13,6 +13,11 @@ The claim connection does not wait for its commits to reach disk
 again, and the worker that had it cannot record anything for it (its lease token is gone),
 which at-least-once execution allows anyway. That takes a WAL flush off the path from
 enqueue to start. Outcomes are written durably.
+
+The claim connection also plans its statements once (``plan_cache_mode =
+force_generic_plan``): planning the claim costs more than running it, and the plancache
+keeps choosing per-execution custom plans for it. Its statements are written so that the
+generic plan is the right one for any parameters (see claim_jobs in queries.sql).
 """
 
 from __future__ import annotations
@@ -27,12 +32,16 @@ from pgjobs.errors import DatabaseError
 CONNECT_TIMEOUT = 10
 
 
-def worker_conninfo(url: str, name: str, *, durable: bool = True) -> str:
+def worker_conninfo(
+    url: str, name: str, *, durable: bool = True, generic_plans: bool = False
+) -> str:
     """``url`` with the worker's connection settings added (the URL's own options kept)."""
     params = conninfo_to_dict(url)
     options = str(params.get("options") or "")
     if not durable:
         options += " -c synchronous_commit=off"
+    if generic_plans:
+        options += " -c plan_cache_mode=force_generic_plan"
     params.update(
         application_name=name,
         keepalives=1,
@@ -46,10 +55,10 @@ def worker_conninfo(url: str, name: str, *, durable: bool = True) -> str:
 
 
 async def connect_async(
-    url: str, name: str, *, durable: bool = True
+    url: str, name: str, *, durable: bool = True, generic_plans: bool = False
 ) -> psycopg.AsyncConnection[Any]:
     """A new autocommit async connection for the worker."""
-    conninfo = worker_conninfo(url, name, durable=durable)
+    conninfo = worker_conninfo(url, name, durable=durable, generic_plans=generic_plans)
     try:
         return await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
     except psycopg.OperationalError as exc:

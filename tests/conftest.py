@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -83,9 +84,17 @@ def _start_embedded(root: Path) -> tuple[Server, Any]:
     return _server_from_url(admin), server
 
 
+def _interrupt_on_sigterm(signum: int, frame: object) -> None:
+    # `timeout pytest` and CI runners stop a run with SIGTERM, which would skip fixture
+    # teardown and leave the session's embedded server running; pytest tears down after a
+    # KeyboardInterrupt.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[Server]:
     """The PostgreSQL server of this test session."""
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     url = os.environ.get(TEST_URL_ENV)
     if url:
         server = _server_from_url(url)

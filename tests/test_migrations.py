@@ -13,13 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 import sqlalchemy
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from pgjobs.migrations import LOCATION
 from typer.testing import CliRunner
 
 import pgjobs
@@ -27,6 +25,7 @@ import pgjobs.schema
 from pgjobs import migrate
 from pgjobs.cli import cli as pgjobs_cli
 from pgjobs.database import sqlalchemy_url
+from pgjobs.migrations import LOCATION
 
 PGJOBS = Path(sys.executable).parent / "pgjobs"
 CLOSED_PORT_URL = "postgresql://postgres@127.0.0.1:1/nowhere"

@@ -153,3 +153,38 @@ def test_notify_off(
         register(quiet).enqueue(n=1)
     assert received(listener, conn) == []
     assert conn.execute("SELECT count(*) FROM pgjobs.jobs").fetchone() == (1,)
+
+
+def test_no_notification_while_the_notification_queue_is_over_the_limit(
+    app: pgjobs.App,
+    listener: psycopg.Connection[Any],
+    conn: psycopg.Connection[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A limit of 0 means "always over it": both the single-job statement and the bulk one
+    # must then skip the NOTIFY and still insert.
+    ping = register(app)
+    monkeypatch.setattr("pgjobs.enqueue._NOTIFY_QUEUE_LIMIT", 0.0)
+    ping.enqueue(n=1, queue="full")
+    ping.enqueue_many([{"n": 2}, {"n": 3}], queue="full")
+    assert received(listener, conn) == []
+    monkeypatch.setattr("pgjobs.enqueue._NOTIFY_QUEUE_LIMIT", 0.5)
+    ping.enqueue(n=4, queue="full")
+    assert by_queue(received(listener, conn)) == {"full": 1}
+    assert conn.execute("SELECT count(*) FROM pgjobs.jobs").fetchone() == (4,)
+
+
+def test_single_enqueue_in_the_callers_transaction_notifies_at_commit_only(
+    app: pgjobs.App,
+    db_url: str,
+    listener: psycopg.Connection[Any],
+    conn: psycopg.Connection[Any],
+) -> None:
+    ping = register(app)
+    with psycopg.connect(db_url) as caller:
+        job_id = ping.enqueue(n=1, conn=caller, queue="tx")
+        assert ping.enqueue(n=1, conn=caller, queue="tx", delay=30) != job_id
+        assert received(listener, conn) == []
+        assert conn.execute("SELECT count(*) FROM pgjobs.jobs").fetchone() == (0,)
+        caller.commit()
+    assert by_queue(received(listener, conn)) == {"tx": 1}

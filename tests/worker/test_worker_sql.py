@@ -19,9 +19,28 @@ Q = Queries("pgjobs")
 def _claim(
     conn: psycopg.Connection[Any], limit: int, queues: list[str], worker: str = "w1"
 ) -> list[Any]:
-    return conn.execute(
+    rows = conn.execute(
         Q.claim_jobs, {"queues": queues, "limit": limit, "worker": worker}
     ).fetchall()
+    # A short claim ends with a row of its own (NULL id) saying when the next job is due.
+    if rows and rows[-1][0] is None:
+        rows.pop()
+    return [row[:9] for row in rows]
+
+
+def test_a_short_claim_says_when_the_next_waiting_job_is_due(
+    conn: psycopg.Connection[Any], jobs: pgjobs.Task[Any, Any]
+) -> None:
+    def claim() -> list[Any]:
+        return conn.execute(Q.claim_jobs, {"queues": ["q"], "limit": 5, "worker": "w1"}).fetchall()
+
+    assert claim() == [(None,) * 9 + (None,)]  # nothing runnable, nothing waiting
+    jobs.enqueue(i=1, delay=60)
+    jobs.enqueue(i=2)
+    *claimed, (sentinel_id, *_, next_due) = claim()
+    assert len(claimed) == 1 and sentinel_id is None and 55 < next_due <= 60
+    full = conn.execute(Q.claim_jobs, {"queues": ["q"], "limit": 1, "worker": "w1"})
+    assert full.fetchall() == [(None,) * 9 + (pytest.approx(next_due, abs=5),)]
 
 
 def _finish(conn: psycopg.Connection[Any], job_id: int, token: uuid.UUID, state: str = "succeeded",
