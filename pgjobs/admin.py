@@ -365,6 +365,14 @@ class Admin:
 
     def _set_paused(self, name: str, paused: bool) -> dict[str, Any]:
         rows = self._rows("set_paused", {"name": validate_queue(name), "paused": paused})
+        if not paused:
+            # Idle workers sleep until a notification or their fallback poll: wake them.
+            params = {
+                "name": name,
+                "channel": self.app.channel,
+                "notify_queue_limit": NOTIFY_QUEUE_LIMIT,
+            }
+            self._rows("wake_queue", params)
         return rows[0]
 
     def queues(self) -> list[dict[str, Any]]:

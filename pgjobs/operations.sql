@@ -230,6 +230,16 @@ SET paused = excluded.paused,
 RETURNING name, paused, paused_at, dead_alert_threshold;
 
 
+-- name: wake_queue
+-- After a resume: tell idle workers the queue has work (they would otherwise find it at
+-- their next fallback poll). The same payload and notification-queue guard as enqueue.
+SELECT pg_notify(%(channel)s, json_build_object('queue', %(name)s::text, 'jobs', n)::text)
+FROM (SELECT count(*) AS n FROM {schema}.jobs
+      WHERE queue = %(name)s AND state IN ('available', 'scheduled', 'retryable')
+        AND run_at <= now()) AS runnable
+WHERE n > 0 AND pg_notification_queue_usage() < %(notify_queue_limit)s;
+
+
 -- name: list_queues
 -- Every queue that has jobs or settings, with its settings and depth.
 SELECT s.queue AS name, s.paused, q.paused_at, q.dead_alert_threshold,

@@ -113,15 +113,21 @@ WHERE id = %(id)s;
 -- so the plan must be right whatever the parameters: the UPDATE reaches the claimed rows
 -- through `id = ANY (ARRAY(...))`, an index lookup on the primary key per id, never a join
 -- the planner might size from a guessed row count.
--- A claim that comes back short also says when the next waiting job of these queues comes
--- due, so an idle worker needs no second statement for it: one extra row with a NULL id
+-- Paused queues are not claimed from, nor waited for. A claim that comes back short also
+-- says when the next waiting job of these queues comes due, so an idle worker needs no second statement for it: one extra row with a NULL id
 -- and, in next_due, the seconds (by the database clock) until the earliest scheduled or
 -- retryable job is runnable (zero or less: due already; NULL: none waits). One index probe
 -- per queue (jobs_waiting_idx); the jobs this statement claims are left out (its snapshot
 -- still shows them waiting).
-WITH candidates AS MATERIALIZED (
-    SELECT c.id
+WITH served AS MATERIALIZED (
+    -- The requested queues less the paused ones (pgjobs queues pause NAME).
+    SELECT q.name
     FROM unnest(%(queues)b::text[]) AS q(name)
+    WHERE NOT EXISTS (SELECT 1 FROM {schema}.queues AS p WHERE p.name = q.name AND p.paused)
+),
+candidates AS MATERIALIZED (
+    SELECT c.id
+    FROM served AS q
     CROSS JOIN LATERAL (
         SELECT j.id, j.priority, j.run_at
         FROM {schema}.jobs AS j
@@ -153,7 +159,7 @@ FROM claimed
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        (SELECT extract(epoch FROM min(w.run_at) - now())::float8
-        FROM unnest(%(queues)b::text[]) AS q(name)
+        FROM served AS q
         CROSS JOIN LATERAL (
             SELECT j.run_at
             FROM {schema}.jobs AS j
@@ -232,8 +238,8 @@ WHERE j.id = ANY (%(id)b::bigint[]) AND j.state = 'running';
 
 
 -- name: queues_busy
--- True while these queues have a job that is runnable now or running (--burst exits when
--- false).
+-- True while these queues have a job that is runnable now (in a queue that is not paused)
+-- or running (--burst exits when false).
 SELECT EXISTS (
            SELECT 1
            FROM unnest(%(queues)b::text[]) AS q(name)
@@ -245,6 +251,8 @@ SELECT EXISTS (
                  AND j.attempts < j.max_attempts
                LIMIT 1
            ) AS r
+           WHERE NOT EXISTS (SELECT 1 FROM {schema}.queues AS p
+                             WHERE p.name = q.name AND p.paused)
        )
        OR EXISTS (
            SELECT 1 FROM {schema}.jobs

@@ -6,7 +6,9 @@ writes a ledger row per execution. Waits are deadlines polled every few tens of 
 
 from __future__ import annotations
 
+import contextlib
 import statistics
+import time
 from typing import Any
 
 import psycopg
@@ -310,3 +312,47 @@ def test_stored_arguments_that_do_not_fit_go_dead_but_a_tasks_own_typeerror_retr
     assert own_job.attempts == 2, "the task's own TypeError is retried by policy"
     assert [e["type"] for e in own_job.errors] == ["TypeError", "TypeError"]
     assert "the task's own TypeError" in own_job.errors[-1]["message"]
+
+
+def test_paused_queue_is_not_claimed_and_resume_wakes_the_worker(
+    app: pgjobs.App, ledger: psycopg.Connection[Any], workers: Workers
+) -> None:
+    from worker_app import record_async
+
+    from pgjobs.admin import Admin
+
+    admin = Admin(app)
+    admin.pause_queue("q")
+    ids = record_async.enqueue_many([{"n": i} for i in range(5)])
+    # A 60 s fallback poll: after the resume, only its notification explains a fast start.
+    worker = workers.start(concurrency=4, poll_interval=60)
+    # The worker claims at start-up and on the enqueue's notification; give it the time
+    # of many claim cycles and check that it never took a job of the paused queue.
+    claimed = None
+    with contextlib.suppress(AssertionError):  # wait_until's "not within the time"
+        claimed = wait_until(
+            lambda: scalar(ledger, "SELECT count(*) FROM pgjobs.jobs WHERE state <> 'available'"),
+            1.0,
+        )
+    assert claimed is None, f"{claimed} job(s) of the paused queue claimed\n{worker.log()}"
+    assert scalar(ledger, "SELECT count(*) FROM ledger") == 0
+
+    admin.resume_queue("q")
+    resumed = time.monotonic()
+    for job_id in ids:
+        _wait_state(ledger, job_id, "succeeded", timeout=5)
+    assert time.monotonic() - resumed < 5, "resume did not wake the idle worker"
+
+
+def test_burst_worker_does_not_wait_for_a_paused_queue(
+    app: pgjobs.App, ledger: psycopg.Connection[Any], workers: Workers
+) -> None:
+    from worker_app import record_async
+
+    from pgjobs.admin import Admin
+
+    Admin(app).pause_queue("q")
+    record_async.enqueue_many([{"n": i} for i in range(3)])
+    worker = workers.start("--burst", concurrency=2, wait_ready=False)
+    assert worker.wait(timeout=20) == 0, worker.log()
+    assert scalar(ledger, "SELECT count(*) FROM pgjobs.jobs WHERE state = 'available'") == 3
