@@ -269,11 +269,26 @@ def work(
             help="Seconds without heartbeat after which a worker is dead and its jobs are rescued.",
         ),
     ] = 30.0,
+    retain_succeeded: Annotated[
+        str, typer.Option("--retain-succeeded", help="Keep succeeded jobs this long.")
+    ] = "1d",
+    retain_cancelled: Annotated[
+        str, typer.Option("--retain-cancelled", help="Keep cancelled jobs this long.")
+    ] = "7d",
+    retain_dead: Annotated[
+        str, typer.Option("--retain-dead", help="Keep dead jobs this long ('never': keep).")
+    ] = "never",
+    no_prune: Annotated[
+        bool, typer.Option("--no-prune", help="Never delete finished jobs from this worker.")
+    ] = False,
     log_level: Annotated[
         str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
     ] = "INFO",
 ) -> None:
     """Run jobs: claim them from the queues, run them, record their outcomes.
+
+    Retention: every minute one worker of the schema deletes a bounded batch of finished
+    jobs older than --retain-succeeded / --retain-cancelled / --retain-dead.
 
     SIGTERM/SIGINT: stop claiming, hand back the jobs not started yet, give
     running jobs --grace seconds, then hand them back too. A second signal
@@ -286,6 +301,15 @@ def work(
       128+N  forced by a second signal N (130 SIGINT, 143 SIGTERM)
     """
     _configure_logging(log_level)
+    from pgjobs.admin import Retention
+
+    retention = None
+    if not no_prune:
+        retention = Retention(
+            succeeded=_retention(retain_succeeded, "--retain-succeeded"),
+            cancelled=_retention(retain_cancelled, "--retain-cancelled"),
+            dead=_retention(retain_dead, "--retain-dead"),
+        )
     queue_names = _queue_names(queues)
     app, demo = _load_work_app()
     if demo:
@@ -312,6 +336,7 @@ def work(
         heartbeat_timeout=heartbeat_timeout,
         grace=grace,
         burst=burst,
+        retention=retention,
     )
     watch_supervisor(worker.stop)
     worker.run()

@@ -41,13 +41,14 @@ from typing import Any
 
 import psycopg
 
+from pgjobs.admin import Retention
 from pgjobs.app import App
 from pgjobs.completions import Completions
 from pgjobs.context import JobContext
 from pgjobs.errors import ConfigurationError, DatabaseError, SchemaNotReadyError
 from pgjobs.execution import ClaimedJob, Executor, error_entry, handed_back
 from pgjobs.listener import Listener
-from pgjobs.maintenance import Maintenance, Registration
+from pgjobs.maintenance import DEFAULT_RETENTION, PRUNE_INTERVAL, Maintenance, Registration
 from pgjobs.settings import validate_queue
 from pgjobs.worker_db import connect_async
 
@@ -92,7 +93,9 @@ class Worker:
     ``heartbeat_timeout`` govern crash detection (a worker silent for ``heartbeat_timeout``
     seconds is dead and its jobs are rescued); ``grace`` is how long running jobs may finish
     after a stop request; ``burst`` exits once the queues have nothing runnable and nothing
-    running. ``run()`` blocks (and handles SIGTERM/SIGINT when on the main thread);
+    running. Every ``prune_interval`` seconds one worker of the schema deletes a batch of
+    finished jobs past ``retention`` (None: never). ``run()`` blocks (and handles
+    SIGTERM/SIGINT when on the main thread);
     ``run_async()`` runs on the caller's loop.
     """
 
@@ -110,6 +113,8 @@ class Worker:
         burst: bool = False,
         listen: bool = True,
         name: str | None = None,
+        retention: Retention | None = DEFAULT_RETENTION,
+        prune_interval: float = PRUNE_INTERVAL,
     ) -> None:
         self.app = app
         self.queues = _queues(app, queues)
@@ -123,6 +128,8 @@ class Worker:
         self.grace = _non_negative(grace, "grace")
         self.burst = burst
         self.listen = listen
+        self.retention = retention
+        self.prune_interval = _positive(prune_interval, "prune_interval")
         self.id = name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.stats = WorkerStats()
         self.listener: Listener | None = None
@@ -191,6 +198,8 @@ class Worker:
             interval=self.heartbeat_interval,
             timeout=self.heartbeat_timeout,
             on_lost=self._lost_registration,
+            retention=self.retention,
+            prune_interval=self.prune_interval,
         )
         await asyncio.to_thread(self._maintenance.start)
         self._completions = Completions(

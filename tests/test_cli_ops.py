@@ -254,6 +254,7 @@ def test_end_to_end_bad_input(db_url: str) -> None:
         (("enqueue", "t", "--args", "nope"), "--args is not valid JSON"),
         (("dead", "purge", "--older-than", "7x"), "invalid duration '7x'"),
         (("jobs", "list", "--state", "nope"), "unknown job state 'nope'"),
+        (("work", "--retain-dead", "soon"), "--retain-dead: invalid duration 'soon'"),
     ]:
         result = real_cli(db_url, *args)
         assert result.returncode == 1, (args, result.stderr)

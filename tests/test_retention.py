@@ -97,3 +97,12 @@ def test_retention_can_be_configured_or_switched_off(
     maintenance._prune_at = 0.0
     maintenance.tick()  # must not prune (nor fail) with retention switched off
     assert ok in _ids(conn)
+
+
+def test_worker_passes_its_retention_to_the_maintenance_thread(app: pgjobs.App) -> None:
+    from pgjobs.worker import Worker
+
+    custom = Retention(succeeded=timedelta(hours=6), cancelled=None, dead=timedelta(days=30))
+    assert Worker(app, ["default"], retention=custom, prune_interval=5).retention == custom
+    assert Worker(app, ["default"], retention=None).retention is None
+    assert Worker(app, ["default"]).retention == Retention()
