@@ -629,6 +629,14 @@ def jobs_list(
         _show("jobs", rows, JOB_COLUMNS)
 
 
+def _emit_job(job: Any, as_json: bool) -> None:
+    """One job, as JSON for scripts or as a readable page for people."""
+    if as_json:
+        _print_json(job)
+    else:
+        _print_job(job)
+
+
 def _print_job(job: Any) -> None:
     import json
 
@@ -676,10 +684,7 @@ def jobs_show(job_id: Annotated[int, typer.Argument()], as_json: JsonOption = Fa
     """Show one job: args, errors with tracebacks, progress, result, timestamps, worker."""
     with _admin() as admin:
         job = admin.get_job(job_id)
-    if as_json:
-        _print_json(job)
-    else:
-        _print_job(job)
+    _emit_job(job, as_json)
 
 
 @jobs_cli.command("cancel")
@@ -743,10 +748,7 @@ def dead_show(job_id: Annotated[int, typer.Argument()], as_json: JsonOption = Fa
     """Show one dead job with its errors and tracebacks."""
     with _admin() as admin:
         job = admin.get_dead_job(job_id)
-    if as_json:
-        _print_json(job)
-    else:
-        _print_job(job)
+    _emit_job(job, as_json)
 
 
 @dead_cli.command("retry")
