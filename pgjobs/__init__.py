@@ -11,12 +11,14 @@ from pgjobs.errors import (
     DatabaseError,
     InvalidJobError,
     InvalidNameError,
+    JobFailedError,
     JobNotFoundError,
     PayloadError,
     PgJobsError,
     SchemaNotReadyError,
     UnknownTaskError,
 )
+from pgjobs.events import EventStream, JobEvent
 from pgjobs.job import Job, JobState
 from pgjobs.outcomes import Cancel, Retry, Snooze
 from pgjobs.task import Task
@@ -29,10 +31,13 @@ __all__ = [
     "Cancel",
     "ConfigurationError",
     "DatabaseError",
+    "EventStream",
     "InvalidJobError",
     "InvalidNameError",
     "Job",
     "JobContext",
+    "JobEvent",
+    "JobFailedError",
     "JobNotFoundError",
     "JobState",
     "PayloadError",

@@ -26,7 +26,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from pgjobs.enqueue import schema_errors
-from pgjobs.errors import DatabaseError, JobNotFoundError, PgJobsError
+from pgjobs.errors import ConfigurationError, DatabaseError, JobNotFoundError, PgJobsError
 from pgjobs.job import FINAL_STATES, Job, JobState
 from pgjobs.settings import validate_queue
 
@@ -362,6 +362,13 @@ class Admin:
     def resume_queue(self, name: str) -> dict[str, Any]:
         """Mark a queue not paused."""
         return self._set_paused(name, False)
+
+    def set_dead_alert(self, name: str, threshold: int | None) -> dict[str, Any]:
+        """Set a queue's dead-letter alert threshold (None: no alert); re-arms it."""
+        if threshold is not None and (not isinstance(threshold, int) or threshold < 1):
+            raise ConfigurationError(f"the threshold must be a positive integer, not {threshold!r}")
+        rows = self._rows("set_dead_alert", {"name": validate_queue(name), "threshold": threshold})
+        return rows[0]
 
     def _set_paused(self, name: str, paused: bool) -> dict[str, Any]:
         rows = self._rows("set_paused", {"name": validate_queue(name), "paused": paused})

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, overload
@@ -23,8 +26,15 @@ from pgjobs.enqueue import (
     make_spec,
     schema_errors,
 )
-from pgjobs.errors import ConfigurationError, DatabaseError, JobNotFoundError, UnknownTaskError
-from pgjobs.job import Job
+from pgjobs.errors import (
+    ConfigurationError,
+    DatabaseError,
+    JobFailedError,
+    JobNotFoundError,
+    UnknownTaskError,
+)
+from pgjobs.events import EventStream
+from pgjobs.job import Job, JobState
 from pgjobs.queries import Queries
 from pgjobs.settings import (
     DEFAULT_MAX_ATTEMPTS,
@@ -41,6 +51,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # pgjobs' own connections commit every statement unless it opens a transaction itself.
 _POOL_KWARGS: dict[str, Any] = {"autocommit": True}
+DeadAlertHook = Callable[[str, int, int], Any]
+# App.wait re-reads the job at least this often (seconds), events or not.
+WAIT_POLL = 0.5
 
 
 class App:
@@ -73,6 +86,7 @@ class App:
         self._pool: ConnectionPool | None = None
         self._async_pool: AsyncConnectionPool | None = None
         self._lock = threading.Lock()
+        self._dead_alert_hooks: list[DeadAlertHook] = []
 
     # -- configuration -------------------------------------------------------------------
 
@@ -322,6 +336,103 @@ class App:
             raise JobNotFoundError(f"no job with id {job_id}")
         return Job.from_row(row)
 
+    def on_dead_alert(self, hook: DeadAlertHook) -> DeadAlertHook:
+        """Register ``hook(queue, dead_count, threshold)``, called by a worker (on its
+        maintenance thread) once each time a queue's dead count reaches its threshold
+        (``pgjobs queues alert NAME --threshold N``). Use as a decorator."""
+        self._dead_alert_hooks.append(hook)
+        return hook
+
+    def _dead_alert(self, queue: str, dead: int, threshold: int) -> None:
+        for hook in self._dead_alert_hooks:
+            hook(queue, dead, threshold)
+
+    # -- events and waiting --------------------------------------------------------------
+
+    def events(self, job_id: int | None = None, queue: str | None = None) -> EventStream:
+        """Job events (:class:`~pgjobs.events.JobEvent`), optionally of one job or queue:
+        ``for ev in app.events(...)`` or ``async for ev in app.events(...)``. Opt-in:
+        workers publish events only while a subscriber is connected (see pgjobs.events)."""
+        return EventStream(self, job_id=job_id, queue=queue)
+
+    def wait(self, job_id: int, timeout: float) -> Any:
+        """Wait for job ``job_id`` to finish and return its result; JobFailedError if it
+        ended dead or cancelled, TimeoutError after ``timeout`` seconds. The row is re-read
+        on every event and at least every ``WAIT_POLL`` seconds, so a lost notification
+        only costs latency."""
+        deadline = time.monotonic() + timeout
+        stream = EventStream(self, job_id=job_id)
+        conn: psycopg.Connection[Any] | None = None
+        try:
+            with contextlib.suppress(DatabaseError, psycopg.Error):
+                conn = stream.connect()
+            while True:
+                # Read on the listening connection itself (no pool needed).
+                try:
+                    job = self.get_job(job_id) if conn is None else self._read_job(conn, job_id)
+                except psycopg.OperationalError:
+                    assert conn is not None
+                    conn.close()
+                    conn = None
+                    continue
+                done, value = _outcome(job)
+                if done:
+                    return value
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
+                step = min(WAIT_POLL, remaining)
+                if conn is None:
+                    time.sleep(step)
+                    continue
+                try:
+                    for _ in conn.notifies(timeout=step, stop_after=1):
+                        pass
+                except psycopg.Error:
+                    conn.close()
+                    conn = None
+        finally:
+            if conn is not None:
+                conn.close()
+
+    async def wait_async(self, job_id: int, timeout: float) -> Any:
+        """The async twin of :meth:`wait`."""
+        deadline = time.monotonic() + timeout
+        stream = EventStream(self, job_id=job_id)
+        conn: psycopg.AsyncConnection[Any] | None = None
+        try:
+            with contextlib.suppress(DatabaseError, psycopg.Error):
+                conn = await stream.connect_async()
+            while True:
+                if conn is None:
+                    job = await self.get_job_async(job_id)
+                else:
+                    try:
+                        job = await self._read_job_async(conn, job_id)
+                    except psycopg.OperationalError:
+                        await conn.close()
+                        conn = None
+                        continue
+                done, value = _outcome(job)
+                if done:
+                    return value
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
+                step = min(WAIT_POLL, remaining)
+                if conn is None:
+                    await asyncio.sleep(step)
+                    continue
+                try:
+                    async for _ in conn.notifies(timeout=step, stop_after=1):
+                        pass
+                except psycopg.Error:
+                    await conn.close()
+                    conn = None
+        finally:
+            if conn is not None:
+                await conn.close()
+
     # -- connections ---------------------------------------------------------------------
 
     @property
@@ -392,6 +503,15 @@ class App:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _outcome(job: Job) -> tuple[bool, Any]:
+    """(finished, result) of a job being waited for; raises for dead and cancelled."""
+    if job.state == JobState.SUCCEEDED:
+        return True, job.result
+    if job.state in (JobState.DEAD, JobState.CANCELLED):
+        raise JobFailedError(job, job.errors[-1] if job.errors else None)
+    return False, None
 
 
 def _open(pool: ConnectionPool) -> ConnectionPool:

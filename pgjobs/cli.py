@@ -929,6 +929,32 @@ def queues_resume(name: Annotated[str, typer.Argument()], as_json: JsonOption = 
     _print_json(row) if as_json else typer.echo(f"queue {name} resumed")
 
 
+@queues_cli.command("alert")
+@reports_errors
+def queues_alert(
+    name: Annotated[str, typer.Argument()],
+    threshold: Annotated[
+        int | None,
+        typer.Option("--threshold", min=1, help="Alert when this many jobs are dead."),
+    ] = None,
+    off: Annotated[bool, typer.Option("--off", help="Remove the queue's alert.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Set the dead-letter alert of a queue: workers log a warning, send a dead_alert
+    event and call the app's @app.on_dead_alert hooks once each time the queue's dead count
+    reaches the threshold."""
+    if (threshold is None) == (not off):
+        raise typer.BadParameter("give either --threshold N or --off")
+    with _admin() as admin:
+        row = admin.set_dead_alert(name, None if off else threshold)
+    if as_json:
+        _print_json(row)
+    elif off:
+        typer.echo(f"queue {name}: dead-letter alert off")
+    else:
+        typer.echo(f"queue {name}: dead-letter alert at {threshold} dead job(s)")
+
+
 @cli.command("prune")
 @reports_errors
 def prune(

@@ -21,6 +21,7 @@ import psycopg
 from pgjobs.errors import DatabaseError
 from pgjobs.execution import Finish
 from pgjobs.queries import Queries
+from pgjobs.settings import events_channel_for
 
 log = logging.getLogger("pgjobs.worker")
 
@@ -32,8 +33,16 @@ Connect = Callable[[], Awaitable[psycopg.AsyncConnection[Any]]]
 class Completions:
     """The outcome writer of one worker process (its own connection)."""
 
-    def __init__(self, queries: Queries, worker: str, connect: Connect) -> None:
+    def __init__(
+        self,
+        queries: Queries,
+        worker: str,
+        connect: Connect,
+        events: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.queries = queries
+        self.events = events
+        self.events_channel = events_channel_for(queries.schema)
         self.worker = worker
         self._connect = connect
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -85,7 +94,13 @@ class Completions:
         conn = await self._connection()
         cur = await conn.execute(
             self.queries.set_progress,
-            {"id": job_id, "lease_token": lease_token, "progress": payload},
+            {
+                "id": job_id,
+                "lease_token": lease_token,
+                "progress": payload,
+                "events": self.events(),
+                "events_channel": self.events_channel,
+            },
         )
         return await cur.fetchone() is not None
 
@@ -147,6 +162,8 @@ class Completions:
             "error": [f.error for f in batch],
             "refund": [f.refund for f in batch],
             "worker": self.worker,
+            "events": self.events(),
+            "events_channel": self.events_channel,
         }
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class PgJobsError(Exception):
     """Base class of every error pgjobs raises on purpose."""
@@ -37,3 +39,14 @@ class DatabaseError(PgJobsError):
 
 class SchemaNotReadyError(DatabaseError):
     """The pgjobs schema is missing or not migrated to the version this code needs."""
+
+
+class JobFailedError(PgJobsError):
+    """The job waited for (``App.wait``) ended dead or cancelled: ``job`` is its row,
+    ``error`` its last recorded error (None if it has none, e.g. cancelled while waiting)."""
+
+    def __init__(self, job: Any, error: dict[str, Any] | None) -> None:
+        self.job = job
+        self.error = error
+        reason = f": {error.get('type')}: {error.get('message')}" if error else ""
+        super().__init__(f"job {job.id} ended {job.state}{reason}")

@@ -37,6 +37,7 @@ import psycopg
 from pgjobs.admin import Retention
 from pgjobs.errors import DatabaseError, SchemaNotReadyError
 from pgjobs.queries import Queries
+from pgjobs.settings import events_application_name, events_channel_for
 from pgjobs.worker_db import connect_sync
 
 log = logging.getLogger("pgjobs.maintenance")
@@ -85,6 +86,7 @@ class Maintenance:
         retention: Retention | None = DEFAULT_RETENTION,
         prune_interval: float = PRUNE_INTERVAL,
         prune_batch: int = PRUNE_BATCH,
+        on_dead_alert: Callable[[str, int, int], None] | None = None,
     ) -> None:
         self.url = url
         self.queries = queries
@@ -97,6 +99,11 @@ class Maintenance:
         self.prune_interval = prune_interval
         self.prune_batch = prune_batch
         self.pruned = 0
+        # Read by the worker's statements: publish job events (pgjobs.events) only while
+        # an events subscriber of this schema is connected; checked every heartbeat.
+        self.events = False
+        self.on_dead_alert = on_dead_alert
+        self.dead_alerts = 0
         # Not at once: a fleet restarting together should not all try to prune on start.
         self._prune_at = time.monotonic() + prune_interval * random.uniform(0.5, 1.0)
         self._conn: psycopg.Connection[Any] | None = None
@@ -113,6 +120,7 @@ class Maintenance:
             raise SchemaNotReadyError(
                 "pgjobs' tables are missing in this database: run `pgjobs migrate upgrade`"
             ) from exc
+        self.check_events(self._conn)
         self._thread.start()
 
     def stop(self, deregister: bool = True) -> None:
@@ -151,10 +159,55 @@ class Maintenance:
             )
             conn.execute(self.queries.register_worker, self.registration.params())
             self.on_lost()
+        self.check_events(conn)
         self.rescue(conn)
+        self.check_dead_alerts(conn)
         if self.retention is not None and time.monotonic() >= self._prune_at:
             full = self.prune(conn)
             self._prune_at = time.monotonic() + (self.interval if full else self.prune_interval)
+
+    def check_events(self, conn: psycopg.Connection[Any]) -> None:
+        """Is an events subscriber connected? (sets :attr:`events`)"""
+        name = events_application_name(self.queries.schema)
+        row = conn.execute(self.queries.events_subscribed, {"application_name": name}).fetchone()
+        wanted = bool(row and row[0])
+        if wanted != self.events:
+            log.info("job events %s", "on: a subscriber is connected" if wanted else "off")
+        self.events = wanted
+
+    def check_dead_alerts(self, conn: psycopg.Connection[Any]) -> None:
+        """Fire the dead-letter alert of every queue whose dead count reached its
+        threshold since the last alert (one worker at a time, once per crossing): a
+        warning, a ``dead_alert`` event and the application's hooks."""
+        with conn.transaction():
+            lock = {"key": f"pgjobs:{self.queries.schema}:dead_alert"}
+            if conn.execute(self.queries.try_dead_alert_lock, lock).fetchone() != (True,):
+                return
+            params = {"events_channel": events_channel_for(self.queries.schema)}
+            fired = conn.execute(self.queries.dead_alerts, params).fetchall()
+        for queue, dead, threshold in fired:
+            self.dead_alerts += 1
+            log.warning(
+                "dead-letter alert: queue %s has %d dead job(s) (threshold %d)",
+                queue,
+                dead,
+                threshold,
+            )
+            if self.on_dead_alert is not None:
+                # On a thread of its own: a slow webhook must not delay the heartbeat.
+                threading.Thread(
+                    target=self._call_dead_alert_hook,
+                    args=(queue, dead, threshold),
+                    name="pgjobs-dead-alert",
+                    daemon=True,
+                ).start()
+
+    def _call_dead_alert_hook(self, queue: str, dead: int, threshold: int) -> None:
+        assert self.on_dead_alert is not None
+        try:
+            self.on_dead_alert(queue, dead, threshold)
+        except Exception:
+            log.exception("the dead-letter alert hook failed (queue %s)", queue)
 
     def rescue(self, conn: psycopg.Connection[Any]) -> None:
         """Rescue the jobs of dead workers (whichever live worker gets there first)."""

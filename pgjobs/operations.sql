@@ -315,3 +315,67 @@ WHERE r.state IN ('available', 'scheduled', 'retryable')
         AND w.last_heartbeat >= now() - make_interval(secs => %(timeout)s::float8))
 GROUP BY r.queue
 ORDER BY r.queue;
+
+
+-- ===== dead-letter alert =====
+
+
+-- name: set_dead_alert
+-- Set (or, with NULL, remove) a queue's dead-letter alert threshold; a new threshold
+-- re-arms the alert (it fires again if the count is at or above it).
+INSERT INTO {schema}.queues AS q (name, dead_alert_threshold)
+VALUES (%(name)s, %(threshold)s)
+ON CONFLICT (name) DO UPDATE
+SET dead_alert_threshold = excluded.dead_alert_threshold,
+    dead_alerted_at = NULL
+RETURNING name, paused, paused_at, dead_alert_threshold, dead_alerted_at;
+
+
+-- name: try_dead_alert_lock
+-- One worker at a time checks the dead-letter thresholds of a schema (transaction lock).
+SELECT pg_try_advisory_xact_lock(hashtext(%(key)s));
+
+
+-- name: dead_alerts
+-- Queues whose dead count reached their threshold and were not alerted yet: mark them
+-- alerted and return them (the caller logs, sends the event and calls the hooks).
+-- Queues alerted before whose count fell below the threshold (or lost it) are re-armed,
+-- so an alert fires once per crossing. Only queues with a threshold or an alert are read;
+-- their dead jobs are counted through jobs_finished_idx (state, finished_at).
+WITH watched AS MATERIALIZED (
+    SELECT q.name, q.dead_alert_threshold AS threshold, q.dead_alerted_at AS alerted_at
+    FROM {schema}.queues AS q
+    WHERE q.dead_alert_threshold IS NOT NULL OR q.dead_alerted_at IS NOT NULL
+    FOR NO KEY UPDATE OF q
+),
+counts AS MATERIALIZED (
+    SELECT w.name, w.threshold, w.alerted_at,
+           (SELECT count(*) FROM {schema}.jobs AS j
+            WHERE j.state = 'dead' AND j.queue = w.name) AS dead
+    FROM watched AS w
+),
+fired AS (
+    UPDATE {schema}.queues AS q
+    SET dead_alerted_at = now()
+    FROM counts AS c
+    WHERE q.name = c.name AND c.threshold IS NOT NULL AND c.dead >= c.threshold
+      AND c.alerted_at IS NULL
+    RETURNING q.name, c.dead, c.threshold
+),
+rearmed AS (
+    UPDATE {schema}.queues AS q
+    SET dead_alerted_at = NULL
+    FROM counts AS c
+    WHERE q.name = c.name AND c.alerted_at IS NOT NULL
+      AND (c.threshold IS NULL OR c.dead < c.threshold)
+    RETURNING q.name
+),
+notified AS (
+    SELECT count(pg_notify(%(events_channel)s, json_build_object(
+               'kind', 'dead_alert', 'at', extract(epoch FROM now()), 'queue', f.name,
+               'dead', f.dead, 'threshold', f.threshold)::text)) AS n
+    FROM fired AS f
+)
+SELECT f.name, f.dead, f.threshold
+FROM fired AS f CROSS JOIN notified CROSS JOIN (SELECT count(*) FROM rearmed) AS r
+ORDER BY f.name;

@@ -98,7 +98,8 @@ WHERE id = %(id)s;
 -- ===== worker =====
 -- Statements of `pgjobs work`. Every write to a job a worker holds is conditioned on the
 -- job's lease_token (fencing): a worker that lost its lease (paused past its heartbeat
--- timeout, rescued, handed back) changes nothing. Workers never NOTIFY.
+-- timeout, rescued, handed back) changes nothing. Workers never send wake-ups; they publish
+-- events only while an events subscriber is connected (see events_subscribed).
 
 
 -- name: claim_jobs
@@ -152,10 +153,25 @@ claimed AS (
     WHERE j.id = ANY (ARRAY(SELECT id FROM candidates))
     RETURNING j.id, j.queue, j.task, j.args, j.priority, j.run_at, j.attempts,
               j.max_attempts, j.lease_token
+),
+-- Events (opt-in, see events.py): only while a subscriber is connected does the worker
+-- pass events = true; then ONE notification lists the started jobs (never their args).
+-- Too long for a notification (8000 bytes): a resync hint instead.
+notified AS (
+    SELECT count(pg_notify(%(events_channel)s,
+                           CASE WHEN octet_length(e.payload) < 7900 THEN e.payload
+                                ELSE json_build_object('kind', 'resync')::text END)) AS n
+    FROM (SELECT json_build_object(
+                     'at', extract(epoch FROM now()),
+                     'events', json_agg(json_build_array(c.id, c.queue, c.task, 'started',
+                                                         c.attempts)))::text AS payload
+          FROM claimed AS c
+          HAVING count(*) > 0) AS e
+    WHERE %(events)s
 )
 SELECT id, queue, task, args, priority, run_at, attempts, max_attempts, lease_token,
        NULL::float8 AS next_due
-FROM claimed
+FROM claimed CROSS JOIN notified
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        (SELECT extract(epoch FROM min(w.run_at) - now())::float8
@@ -207,7 +223,10 @@ finished AS (
     FROM outcome AS o
     JOIN locked ON locked.id = o.id
     WHERE j.id = o.id AND j.lease_token = o.lease_token AND j.state = 'running'
-    RETURNING j.id, o.state
+    RETURNING j.id, o.state, j.queue, j.task, j.attempts + o.refund AS attempt,
+              CASE WHEN o.state IN ('succeeded', 'dead', 'cancelled') THEN o.state
+                   WHEN o.error IS NULL AND o.refund > 0 THEN 'snoozed'
+                   ELSE 'retried' END AS kind
 ),
 counted AS (
     UPDATE {schema}.workers
@@ -216,16 +235,46 @@ counted AS (
         jobs_failed = jobs_failed
                       + (SELECT count(*) FROM finished WHERE state IN ('retryable', 'dead'))
     WHERE id = %(worker)s AND EXISTS (SELECT 1 FROM finished)
+),
+-- Events (opt-in, as in claim_jobs): one notification per batch listing ids and kinds.
+notified AS (
+    SELECT count(pg_notify(%(events_channel)s,
+                           CASE WHEN octet_length(e.payload) < 7900 THEN e.payload
+                                ELSE json_build_object('kind', 'resync')::text END)) AS n
+    FROM (SELECT json_build_object(
+                     'at', extract(epoch FROM now()),
+                     'events', json_agg(json_build_array(f.id, f.queue, f.task, f.kind,
+                                                         f.attempt)))::text AS payload
+          FROM finished AS f
+          HAVING count(*) > 0) AS e
+    WHERE %(events)s
 )
-SELECT id FROM finished;
+SELECT id FROM finished CROSS JOIN notified;
 
 
 -- name: set_progress
--- A running job reports progress; fenced like every other write.
-UPDATE {schema}.jobs
-SET progress = %(progress)s::jsonb
-WHERE id = %(id)s AND lease_token = %(lease_token)s AND state = 'running'
-RETURNING id;
+-- A running job reports progress; fenced like every other write. While an events
+-- subscriber is connected (events = true) one progress event is published with it.
+WITH updated AS (
+    UPDATE {schema}.jobs
+    SET progress = %(progress)s::jsonb
+    WHERE id = %(id)s AND lease_token = %(lease_token)s AND state = 'running'
+    RETURNING id, queue, task, attempts, progress
+),
+notified AS (
+    SELECT count(pg_notify(%(events_channel)s,
+                           CASE WHEN octet_length(e.payload) < 7900 THEN e.payload
+                                ELSE json_build_object('kind', 'resync')::text END)) AS n
+    FROM (SELECT json_build_object(
+                     'at', extract(epoch FROM now()),
+                     'events', json_agg(json_build_array(u.id, u.queue, u.task, 'progress',
+                                                         u.attempts, u.progress)))::text
+                 AS payload
+          FROM updated AS u
+          HAVING count(*) > 0) AS e
+    WHERE %(events)s
+)
+SELECT id FROM updated CROSS JOIN notified;
 
 
 -- name: held_leases
@@ -330,3 +379,11 @@ deleted AS (
 SELECT (SELECT count(*) FROM rescued WHERE state = 'available') AS available,
        (SELECT count(*) FROM rescued WHERE state = 'dead') AS dead,
        (SELECT count(*) FROM deleted) AS workers;
+
+
+-- name: events_subscribed
+-- Whether an events subscriber (pgjobs.events) of this schema is connected: the worker
+-- publishes events only while one is (checked every heartbeat).
+SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+              WHERE application_name = %(application_name)s
+                AND datname = current_database());

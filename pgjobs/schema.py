@@ -134,6 +134,7 @@ queues = Table(
     Column("paused", Boolean, nullable=False, server_default=text("false")),
     Column("paused_at", DateTime(timezone=True)),
     Column("dead_alert_threshold", Integer),
+    Column("dead_alerted_at", DateTime(timezone=True)),
     Column("meta", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     CheckConstraint("name ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$'", name="queues_name"),
     CheckConstraint("paused = (paused_at IS NOT NULL)", name="queues_paused_at_iff_paused"),

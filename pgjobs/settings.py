@@ -63,3 +63,15 @@ def channel_for(schema: str) -> str:
     """The NOTIFY channel of one pgjobs schema: one per schema, so two installations in
     one database never wake each other's workers."""
     return f"pgjobs_{validate_schema(schema)}"
+
+
+def events_channel_for(schema: str) -> str:
+    """The channel of job events (opt-in, see pgjobs.events): at most 7 + 48 + 7 = 62
+    bytes, within PostgreSQL's 63-byte identifier limit."""
+    return channel_for(schema) + "_events"
+
+
+def events_application_name(schema: str) -> str:
+    """The application_name an events subscriber connects with: workers look for a session
+    with this name and publish events only while one exists."""
+    return f"pgjobs-events:{validate_schema(schema)}"

@@ -49,7 +49,7 @@ from pgjobs.errors import ConfigurationError, DatabaseError, SchemaNotReadyError
 from pgjobs.execution import ClaimedJob, Executor, error_entry, handed_back
 from pgjobs.listener import Listener
 from pgjobs.maintenance import DEFAULT_RETENTION, PRUNE_INTERVAL, Maintenance, Registration
-from pgjobs.settings import validate_queue
+from pgjobs.settings import events_channel_for, validate_queue
 from pgjobs.worker_db import connect_async
 
 log = logging.getLogger("pgjobs.worker")
@@ -133,6 +133,7 @@ class Worker:
         self.id = name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.stats = WorkerStats()
         self.listener: Listener | None = None
+        self._events_channel = events_channel_for(app.schema)
         self._executor = Executor(app.tasks, self.id)
         self._shutdown = threading.Event()
         self._buffer: deque[ClaimedJob] = deque()
@@ -200,10 +201,15 @@ class Worker:
             on_lost=self._lost_registration,
             retention=self.retention,
             prune_interval=self.prune_interval,
+            on_dead_alert=self.app._dead_alert,
         )
         await asyncio.to_thread(self._maintenance.start)
+        maintenance = self._maintenance
         self._completions = Completions(
-            self.app.queries, self.id, lambda: connect_async(url, APPLICATION_NAME)
+            self.app.queries,
+            self.id,
+            lambda: connect_async(url, APPLICATION_NAME),
+            events=lambda: maintenance.events,
         )
         self._completions_task = asyncio.create_task(self._completions.run())
         if self.listen:
@@ -344,7 +350,13 @@ class Worker:
 
     async def _claim(self, limit: int) -> list[ClaimedJob]:
         self._poll_at = time.monotonic() + self.poll_interval * random.uniform(0.8, 1.2)
-        params = {"queues": list(self.queues), "limit": limit, "worker": self.id}
+        params = {
+            "queues": list(self.queues),
+            "limit": limit,
+            "worker": self.id,
+            "events": self._maintenance is not None and self._maintenance.events,
+            "events_channel": self._events_channel,
+        }
         try:
             conn = await self._connection()
             cur = await conn.execute(self.app.queries.claim_jobs, params)

@@ -36,6 +36,7 @@ UPGRADE = [
         paused                boolean     NOT NULL DEFAULT false,
         paused_at             timestamptz,
         dead_alert_threshold  integer,
+        dead_alerted_at       timestamptz,
         meta                  jsonb       NOT NULL DEFAULT '{}',
         CONSTRAINT queues_name CHECK (name ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$'),
         CONSTRAINT queues_paused_at_iff_paused CHECK (paused = (paused_at IS NOT NULL)),

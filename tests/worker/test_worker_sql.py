@@ -14,13 +14,15 @@ import pgjobs
 from pgjobs.queries import Queries
 
 Q = Queries("pgjobs")
+# Events off (no subscriber): the worker statements publish nothing.
+NO_EVENTS = {"events": False, "events_channel": "pgjobs_pgjobs_events"}
 
 
 def _claim(
     conn: psycopg.Connection[Any], limit: int, queues: list[str], worker: str = "w1"
 ) -> list[Any]:
     rows = conn.execute(
-        Q.claim_jobs, {"queues": queues, "limit": limit, "worker": worker}
+        Q.claim_jobs, {"queues": queues, "limit": limit, "worker": worker, **NO_EVENTS}
     ).fetchall()
     # A short claim ends with a row of its own (NULL id) saying when the next job is due.
     if rows and rows[-1][0] is None:
@@ -32,21 +34,24 @@ def test_a_short_claim_says_when_the_next_waiting_job_is_due(
     conn: psycopg.Connection[Any], jobs: pgjobs.Task[Any, Any]
 ) -> None:
     def claim() -> list[Any]:
-        return conn.execute(Q.claim_jobs, {"queues": ["q"], "limit": 5, "worker": "w1"}).fetchall()
+        return conn.execute(
+            Q.claim_jobs, {"queues": ["q"], "limit": 5, "worker": "w1", **NO_EVENTS}
+        ).fetchall()
 
     assert claim() == [(None,) * 9 + (None,)]  # nothing runnable, nothing waiting
     jobs.enqueue(i=1, delay=60)
     jobs.enqueue(i=2)
     *claimed, (sentinel_id, *_, next_due) = claim()
     assert len(claimed) == 1 and sentinel_id is None and 55 < next_due <= 60
-    full = conn.execute(Q.claim_jobs, {"queues": ["q"], "limit": 1, "worker": "w1"})
+    full = conn.execute(Q.claim_jobs, {"queues": ["q"], "limit": 1, "worker": "w1", **NO_EVENTS})
     assert full.fetchall() == [(None,) * 9 + (pytest.approx(next_due, abs=5),)]
 
 
 def _finish(conn: psycopg.Connection[Any], job_id: int, token: uuid.UUID, state: str = "succeeded",
             result: str | None = '"ok"', worker: str = "w1") -> int:  # fmt: skip
     params = {"id": [job_id], "lease_token": [token], "state": [state], "result": [result],
-              "delay": [None], "error": [None], "refund": [0], "worker": worker}  # fmt: skip
+              "delay": [None], "error": [None], "refund": [0], "worker": worker,
+              **NO_EVENTS}  # fmt: skip
     return len(conn.execute(Q.finish_jobs, params).fetchall())
 
 
@@ -129,7 +134,7 @@ def test_a_stale_lease_changes_nothing(
     # Every write of the zombie is fenced: progress, success, failure.
     assert (
         conn.execute(
-            Q.set_progress, {"id": job_id, "lease_token": old_token, "progress": "1"}
+            Q.set_progress, {"id": job_id, "lease_token": old_token, "progress": "1", **NO_EVENTS}
         ).fetchall()
         == []
     )

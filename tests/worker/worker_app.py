@@ -190,3 +190,14 @@ def spin(ctx: pgjobs.JobContext, seconds: float) -> int:
 def typeerror(count: int) -> None:
     """Raises a TypeError of its own: an ordinary failure, retried by policy."""
     raise TypeError(f"the task's own TypeError ({count})")
+
+
+@app.on_dead_alert
+def dead_alert(queue: str, dead: int, threshold: int) -> None:
+    """Ledger entry per dead-letter alert (job_id: dead count, attempt: threshold)."""
+    with psycopg.connect(app.database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO ledger (job_id, attempt, lease_token, pid, phase) "
+            "VALUES (%s, %s, gen_random_uuid(), %s, %s)",
+            (dead, threshold, os.getpid(), f"alert:{queue}"),
+        )
