@@ -40,6 +40,7 @@ from pgjobs.settings import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_QUEUE,
     channel_for,
+    events_channel_for,
     schema_from_env,
     validate_queue,
     validate_schema,
@@ -62,7 +63,9 @@ class App:
     ``database_url`` defaults to ``PGJOBS_DATABASE_URL``, then to the embedded server.
     ``schema`` defaults to ``PGJOBS_SCHEMA``, then ``pgjobs``. With ``strict_tasks`` (the
     default) enqueueing by name accepts only registered tasks; a producer that enqueues tasks
-    living in another code base sets it to False.
+    living in another code base sets it to False. ``enqueue_events`` publishes an
+    ``enqueued`` event for every job this App enqueues (a NOTIFY in the caller's
+    transaction, so off by default).
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class App:
         schema: str | None = None,
         strict_tasks: bool = True,
         notify: bool = True,
+        enqueue_events: bool = False,
         pool_size: int = 10,
     ) -> None:
         self.schema = validate_schema(schema) if schema is not None else schema_from_env()
@@ -81,7 +85,13 @@ class App:
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.queries = Queries(self.schema)
         self.channel = channel_for(self.schema)
-        self.writer = Writer(self.queries, self.channel, notify)
+        self.writer = Writer(
+            self.queries,
+            self.channel,
+            notify,
+            events=enqueue_events,
+            events_channel=events_channel_for(self.schema),
+        )
         self.pool_size = pool_size
         self._pool: ConnectionPool | None = None
         self._async_pool: AsyncConnectionPool | None = None

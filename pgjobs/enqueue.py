@@ -215,7 +215,7 @@ def make_spec(
     )
 
 
-def _params(specs: Sequence[JobSpec], channel: str, notify: bool) -> dict[str, Any]:
+def _params(specs: Sequence[JobSpec], common: dict[str, Any]) -> dict[str, Any]:
     return {
         "queue": [s.queue for s in specs],
         "task": [s.task for s in specs],
@@ -226,13 +226,11 @@ def _params(specs: Sequence[JobSpec], channel: str, notify: bool) -> dict[str, A
         "delay": [s.delay for s in specs],
         "unique_key": [s.unique_key for s in specs],
         "meta": [s.meta for s in specs],
-        "channel": channel,
-        "notify": notify,
-        "notify_queue_limit": _NOTIFY_QUEUE_LIMIT,
+        **common,
     }
 
 
-def _one_params(spec: JobSpec, channel: str, notify: bool) -> dict[str, Any]:
+def _one_params(spec: JobSpec, common: dict[str, Any]) -> dict[str, Any]:
     return {
         "queue": spec.queue,
         "task": spec.task,
@@ -243,9 +241,7 @@ def _one_params(spec: JobSpec, channel: str, notify: bool) -> dict[str, Any]:
         "delay": spec.delay,
         "unique_key": spec.unique_key,
         "meta": spec.meta,
-        "channel": channel,
-        "notify": notify,
-        "notify_queue_limit": _NOTIFY_QUEUE_LIMIT,
+        **common,
     }
 
 
@@ -272,6 +268,18 @@ class Writer:
     queries: Queries
     channel: str
     notify: bool = True
+    events: bool = False  # publish `enqueued` events (opt-in: a NOTIFY in every enqueue)
+    events_channel: str = ""
+
+    def _common(self) -> dict[str, Any]:
+        """The parameters every insert statement shares."""
+        return {
+            "channel": self.channel,
+            "notify": self.notify,
+            "notify_queue_limit": _NOTIFY_QUEUE_LIMIT,
+            "events": self.events,
+            "events_channel": self.events_channel,
+        }
 
     def insert(
         self, conn: psycopg.Connection[Any], specs: Sequence[JobSpec], on_duplicate: OnDuplicate
@@ -284,7 +292,7 @@ class Writer:
         for _ in range(_UNIQUE_ROUNDS):
             batch = [specs[i] for i in pending]
             with schema_errors(self.queries.schema), conn.cursor() as cur:
-                cur.execute(self.queries.insert_jobs, _params(batch, self.channel, self.notify))
+                cur.execute(self.queries.insert_jobs, _params(batch, self._common()))
                 inserted = _match_inserted(batch, cur.fetchall())
                 keys = [s.unique_key for s, i in zip(batch, inserted, strict=True) if i is None]
                 existing = (
@@ -312,9 +320,7 @@ class Writer:
             batch = [specs[i] for i in pending]
             with schema_errors(self.queries.schema):
                 async with conn.cursor() as cur:
-                    await cur.execute(
-                        self.queries.insert_jobs, _params(batch, self.channel, self.notify)
-                    )
+                    await cur.execute(self.queries.insert_jobs, _params(batch, self._common()))
                     inserted = _match_inserted(batch, await cur.fetchall())
                     keys = [s.unique_key for s, i in zip(batch, inserted, strict=True) if i is None]
                     existing = {}
@@ -330,7 +336,7 @@ class Writer:
         self, conn: psycopg.Connection[Any], spec: JobSpec, on_duplicate: OnDuplicate
     ) -> int | None:
         """One job through ``insert_job`` (scalar parameters); the same rules as insert."""
-        params = _one_params(spec, self.channel, self.notify)
+        params = _one_params(spec, self._common())
         for _ in range(_UNIQUE_ROUNDS):
             with schema_errors(self.queries.schema):
                 row = conn.execute(self.queries.insert_job, params).fetchone()
@@ -348,7 +354,7 @@ class Writer:
         self, conn: psycopg.AsyncConnection[Any], spec: JobSpec, on_duplicate: OnDuplicate
     ) -> int | None:
         """The async twin of :meth:`_insert_one`."""
-        params = _one_params(spec, self.channel, self.notify)
+        params = _one_params(spec, self._common())
         for _ in range(_UNIQUE_ROUNDS):
             with schema_errors(self.queries.schema):
                 cur = await conn.execute(self.queries.insert_job, params)

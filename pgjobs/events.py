@@ -44,7 +44,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgjobs.events")
 
-KINDS = ("started", "progress", "succeeded", "retried", "snoozed", "dead", "cancelled")
+KINDS = (
+    "enqueued",  # only from producers with App(enqueue_events=True)
+    "started",
+    "progress",
+    "succeeded",
+    "failed",  # an attempt failed; followed by "retried" or "dead"
+    "retried",
+    "snoozed",
+    "dead",
+    "cancelled",
+)
 _HEALTH_INTERVAL = 10.0
 _RECONNECT_DELAY = 0.5
 

@@ -37,16 +37,30 @@ inserted AS (
         WHERE unique_key IS NOT NULL
           AND state IN ('scheduled', 'available', 'running', 'retryable', 'pending')
         DO NOTHING
-    RETURNING id, queue, state, unique_key
+    RETURNING id, queue, task, state, unique_key
 ),
 notified AS (
     SELECT count(pg_notify(%(channel)s, json_build_object('queue', queue, 'jobs', jobs)::text))
     FROM (SELECT queue, count(*) AS jobs FROM inserted
           WHERE state = 'available' GROUP BY queue) AS per_queue
     WHERE %(notify)s AND pg_notification_queue_usage() < %(notify_queue_limit)s
+),
+published AS (
+    -- Opt-in enqueued events (App(enqueue_events=True)): one notification listing the new
+    -- jobs (never their args); a resync hint when the list is too long for one.
+    SELECT count(pg_notify(%(events_channel)s,
+                           CASE WHEN octet_length(e.payload) < 7900 THEN e.payload
+                                ELSE json_build_object('kind', 'resync')::text END))
+    FROM (SELECT json_build_object(
+                     'at', extract(epoch FROM now()),
+                     'events', json_agg(json_build_array(i.id, i.queue, i.task, 'enqueued', 0)
+                                        ORDER BY i.id))::text AS payload
+          FROM inserted AS i
+          HAVING count(*) > 0) AS e
+    WHERE %(events)s
 )
 SELECT inserted.id, inserted.unique_key
-FROM inserted CROSS JOIN notified
+FROM inserted CROSS JOIN notified CROSS JOIN published
 ORDER BY inserted.id;
 
 
@@ -68,16 +82,30 @@ WITH inserted AS (
         WHERE unique_key IS NOT NULL
           AND state IN ('scheduled', 'available', 'running', 'retryable', 'pending')
         DO NOTHING
-    RETURNING id, queue, state
+    RETURNING id, queue, task, state
 ),
 notified AS (
     SELECT count(pg_notify(%(channel)s, json_build_object('queue', queue, 'jobs', 1)::text))
     FROM inserted
     WHERE state = 'available' AND %(notify)s
       AND pg_notification_queue_usage() < %(notify_queue_limit)s
+),
+published AS (
+    -- Opt-in enqueued events (App(enqueue_events=True)): one notification listing the new
+    -- jobs (never their args); a resync hint when the list is too long for one.
+    SELECT count(pg_notify(%(events_channel)s,
+                           CASE WHEN octet_length(e.payload) < 7900 THEN e.payload
+                                ELSE json_build_object('kind', 'resync')::text END))
+    FROM (SELECT json_build_object(
+                     'at', extract(epoch FROM now()),
+                     'events', json_agg(json_build_array(i.id, i.queue, i.task, 'enqueued', 0)
+                                        ORDER BY i.id))::text AS payload
+          FROM inserted AS i
+          HAVING count(*) > 0) AS e
+    WHERE %(events)s
 )
 SELECT inserted.id
-FROM inserted CROSS JOIN notified;
+FROM inserted CROSS JOIN notified CROSS JOIN published;
 
 
 -- name: find_live_unique
@@ -226,7 +254,10 @@ finished AS (
     RETURNING j.id, o.state, j.queue, j.task, j.attempts + o.refund AS attempt,
               CASE WHEN o.state IN ('succeeded', 'dead', 'cancelled') THEN o.state
                    WHEN o.error IS NULL AND o.refund > 0 THEN 'snoozed'
-                   ELSE 'retried' END AS kind
+                   ELSE 'retried' END AS kind,
+              -- An attempt that failed (error recorded, job retried or dead); a job
+              -- handed back on shutdown or cancelled did not fail.
+              (o.error IS NOT NULL AND o.state IN ('retryable', 'dead')) AS failed
 ),
 counted AS (
     UPDATE {schema}.workers
@@ -236,16 +267,21 @@ counted AS (
                       + (SELECT count(*) FROM finished WHERE state IN ('retryable', 'dead'))
     WHERE id = %(worker)s AND EXISTS (SELECT 1 FROM finished)
 ),
--- Events (opt-in, as in claim_jobs): one notification per batch listing ids and kinds.
+-- Events (opt-in, as in claim_jobs): one notification per batch listing ids and kinds; a
+-- failed attempt is a `failed` event followed by its `retried` or `dead`.
 notified AS (
     SELECT count(pg_notify(%(events_channel)s,
                            CASE WHEN octet_length(e.payload) < 7900 THEN e.payload
                                 ELSE json_build_object('kind', 'resync')::text END)) AS n
     FROM (SELECT json_build_object(
                      'at', extract(epoch FROM now()),
-                     'events', json_agg(json_build_array(f.id, f.queue, f.task, f.kind,
-                                                         f.attempt)))::text AS payload
-          FROM finished AS f
+                     'events', json_agg(ev.item ORDER BY ev.id, ev.seq))::text AS payload
+          FROM (SELECT f.id, 0 AS seq,
+                       json_build_array(f.id, f.queue, f.task, 'failed', f.attempt) AS item
+                FROM finished AS f WHERE f.failed
+                UNION ALL
+                SELECT f.id, 1, json_build_array(f.id, f.queue, f.task, f.kind, f.attempt)
+                FROM finished AS f) AS ev
           HAVING count(*) > 0) AS e
     WHERE %(events)s
 )

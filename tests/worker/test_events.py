@@ -76,7 +76,7 @@ def test_a_subscriber_sees_started_progress_succeeded_in_order(
     assert seen[1].progress == 0.5 and seen[1].progress_data == {"step": "half"}
 
 
-def test_a_failing_job_yields_retried_then_dead(
+def test_a_failing_job_yields_failed_then_retried_then_dead(
     wapp: pgjobs.App, ledger: psycopg.Connection[Any], workers: Workers
 ) -> None:
     from worker_app import fail
@@ -90,10 +90,13 @@ def test_a_failing_job_yields_retried_then_dead(
     assert not thread.is_alive(), [e.kind for e in seen]
     assert [(e.kind, e.attempt) for e in seen] == [
         ("started", 1),
+        ("failed", 1),
         ("retried", 1),
         ("started", 2),
+        ("failed", 2),
         ("retried", 2),
         ("started", 3),
+        ("failed", 3),
         ("dead", 3),
     ]
     # The iterator closed its connection when the loop ended.
@@ -197,3 +200,36 @@ def test_wait_times_out(wapp: pgjobs.App, ledger: psycopg.Connection[Any]) -> No
     with pytest.raises(TimeoutError):
         asyncio.run(wapp.wait_async(job_id, timeout=0.7))
     assert wapp.get_job(job_id).state == "available"
+
+
+def test_enqueued_events_are_published_only_by_producers_that_opt_in(
+    db_url: str, ledger: psycopg.Connection[Any]
+) -> None:
+    quiet = pgjobs.App(db_url, strict_tasks=False)
+    loud = pgjobs.App(db_url, strict_tasks=False, enqueue_events=True)
+    seen: list[pgjobs.JobEvent] = []
+    stop = threading.Event()
+
+    def run() -> None:
+        for event in loud.events():
+            seen.append(event)
+            if stop.is_set():
+                break
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: _subscribed(ledger), 10, "subscriber")
+        silent = quiet.enqueue("t.record", {"n": 1}, queue="q")
+        single = loud.enqueue("t.record", {"n": 2}, queue="q")
+        bulk = loud.enqueue_many("t.record", [{"n": 3}, {"n": 4}], queue="q")
+        expected = [single, *bulk]
+        wait_until(lambda: [e.job_id for e in seen if e.kind == "enqueued"] == expected, 10)
+        assert silent not in {e.job_id for e in seen}
+        assert {(e.queue, e.task, e.attempt) for e in seen} == {("q", "t.record", 0)}
+    finally:
+        stop.set()
+        loud.enqueue("t.record", {"n": 5}, queue="q")  # one more event lets the loop end
+        thread.join(timeout=10)
+        quiet.close()
+        loud.close()
