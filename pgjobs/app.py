@@ -385,13 +385,9 @@ class App:
                     conn.close()
                     conn = None
                     continue
-                done, value = _outcome(job)
+                done, value, step = _wait_step(job, deadline, timeout)
                 if done:
                     return value
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
-                step = min(WAIT_POLL, remaining)
                 if conn is None:
                     time.sleep(step)
                     continue
@@ -423,13 +419,9 @@ class App:
                         await conn.close()
                         conn = None
                         continue
-                done, value = _outcome(job)
+                done, value, step = _wait_step(job, deadline, timeout)
                 if done:
                     return value
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
-                step = min(WAIT_POLL, remaining)
                 if conn is None:
                     await asyncio.sleep(step)
                     continue
@@ -513,6 +505,18 @@ class App:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _wait_step(job: Job, deadline: float, timeout: float) -> tuple[bool, Any, float]:
+    """One look of wait/wait_async: (finished, its result, seconds until the next look).
+    Raises the job's failure when it ended badly, TimeoutError past the deadline."""
+    done, value = _outcome(job)
+    if done:
+        return True, value, 0.0
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError(f"job {job.id} did not finish within {timeout} s")
+    return False, None, min(WAIT_POLL, remaining)
 
 
 def _outcome(job: Job) -> tuple[bool, Any]:

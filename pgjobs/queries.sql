@@ -48,13 +48,9 @@ notified AS (
 published AS (
     -- Opt-in enqueued events (App(enqueue_events=True)): one notification listing the new
     -- jobs (never their args); a resync hint when the list is too long for one.
-    SELECT count(pg_notify(%(events_channel)s,
-                           CASE WHEN octet_length(e.payload) < 7900 THEN e.payload
-                                ELSE json_build_object('kind', 'resync')::text END))
-    FROM (SELECT json_build_object(
-                     'at', extract(epoch FROM now()),
-                     'events', json_agg(json_build_array(i.id, i.queue, i.task, 'enqueued', 0)
-                                        ORDER BY i.id))::text AS payload
+    SELECT count({schema}.publish_events(%(events_channel)s, e.events))
+    FROM (SELECT json_agg(json_build_array(i.id, i.queue, i.task, 'enqueued', 0)
+                          ORDER BY i.id) AS events
           FROM inserted AS i
           HAVING count(*) > 0) AS e
     WHERE %(events)s
@@ -93,13 +89,9 @@ notified AS (
 published AS (
     -- Opt-in enqueued events (App(enqueue_events=True)): one notification listing the new
     -- jobs (never their args); a resync hint when the list is too long for one.
-    SELECT count(pg_notify(%(events_channel)s,
-                           CASE WHEN octet_length(e.payload) < 7900 THEN e.payload
-                                ELSE json_build_object('kind', 'resync')::text END))
-    FROM (SELECT json_build_object(
-                     'at', extract(epoch FROM now()),
-                     'events', json_agg(json_build_array(i.id, i.queue, i.task, 'enqueued', 0)
-                                        ORDER BY i.id))::text AS payload
+    SELECT count({schema}.publish_events(%(events_channel)s, e.events))
+    FROM (SELECT json_agg(json_build_array(i.id, i.queue, i.task, 'enqueued', 0)
+                          ORDER BY i.id) AS events
           FROM inserted AS i
           HAVING count(*) > 0) AS e
     WHERE %(events)s
@@ -184,15 +176,10 @@ claimed AS (
 ),
 -- Events (opt-in, see events.py): only while a subscriber is connected does the worker
 -- pass events = true; then ONE notification lists the started jobs (never their args).
--- Too long for a notification (8000 bytes): a resync hint instead.
 notified AS (
-    SELECT count(pg_notify(%(events_channel)s,
-                           CASE WHEN octet_length(e.payload) < 7900 THEN e.payload
-                                ELSE json_build_object('kind', 'resync')::text END)) AS n
-    FROM (SELECT json_build_object(
-                     'at', extract(epoch FROM now()),
-                     'events', json_agg(json_build_array(c.id, c.queue, c.task, 'started',
-                                                         c.attempts)))::text AS payload
+    SELECT count({schema}.publish_events(%(events_channel)s, e.events)) AS n
+    FROM (SELECT json_agg(json_build_array(c.id, c.queue, c.task, 'started', c.attempts))
+                 AS events
           FROM claimed AS c
           HAVING count(*) > 0) AS e
     WHERE %(events)s
@@ -270,12 +257,8 @@ counted AS (
 -- Events (opt-in, as in claim_jobs): one notification per batch listing ids and kinds; a
 -- failed attempt is a `failed` event followed by its `retried` or `dead`.
 notified AS (
-    SELECT count(pg_notify(%(events_channel)s,
-                           CASE WHEN octet_length(e.payload) < 7900 THEN e.payload
-                                ELSE json_build_object('kind', 'resync')::text END)) AS n
-    FROM (SELECT json_build_object(
-                     'at', extract(epoch FROM now()),
-                     'events', json_agg(ev.item ORDER BY ev.id, ev.seq))::text AS payload
+    SELECT count({schema}.publish_events(%(events_channel)s, e.events)) AS n
+    FROM (SELECT json_agg(ev.item ORDER BY ev.id, ev.seq) AS events
           FROM (SELECT f.id, 0 AS seq,
                        json_build_array(f.id, f.queue, f.task, 'failed', f.attempt) AS item
                 FROM finished AS f WHERE f.failed
@@ -298,14 +281,9 @@ WITH updated AS (
     RETURNING id, queue, task, attempts, progress
 ),
 notified AS (
-    SELECT count(pg_notify(%(events_channel)s,
-                           CASE WHEN octet_length(e.payload) < 7900 THEN e.payload
-                                ELSE json_build_object('kind', 'resync')::text END)) AS n
-    FROM (SELECT json_build_object(
-                     'at', extract(epoch FROM now()),
-                     'events', json_agg(json_build_array(u.id, u.queue, u.task, 'progress',
-                                                         u.attempts, u.progress)))::text
-                 AS payload
+    SELECT count({schema}.publish_events(%(events_channel)s, e.events)) AS n
+    FROM (SELECT json_agg(json_build_array(u.id, u.queue, u.task, 'progress', u.attempts,
+                                           u.progress)) AS events
           FROM updated AS u
           HAVING count(*) > 0) AS e
     WHERE %(events)s

@@ -171,9 +171,26 @@ UPGRADE = [
     FROM succeeded AS s
     FULL JOIN failed AS f ON f.minute = s.minute AND f.queue = s.queue
     """,
+    # Every event notification goes through here: one place stamps it and keeps it under
+    # NOTIFY's 8000-byte payload limit (too many events at once become a resync hint, and
+    # subscribers re-read the rows). Pinned search_path: callable from any session safely.
+    """
+    CREATE FUNCTION {schema}.publish_events(channel text, events json) RETURNS void
+    LANGUAGE sql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+        SELECT pg_catalog.pg_notify(channel,
+                   CASE WHEN pg_catalog.octet_length(p.payload) < 7900 THEN p.payload
+                        ELSE '{"kind": "resync"}' END)
+        FROM (SELECT pg_catalog.json_build_object(
+                         'at', extract(epoch FROM pg_catalog.now()), 'events', events)::text
+                     AS payload) AS p
+    $$
+    """,
 ]
 
 DOWNGRADE = [
+    "DROP FUNCTION IF EXISTS {schema}.publish_events(text, json)",
     "DROP VIEW IF EXISTS {schema}.throughput_per_minute",
     "DROP VIEW IF EXISTS {schema}.worker_stats",
     "DROP VIEW IF EXISTS {schema}.queue_stats",
