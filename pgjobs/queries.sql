@@ -35,7 +35,8 @@ inserted AS (
     ORDER BY ord
     ON CONFLICT (unique_key)
         WHERE unique_key IS NOT NULL
-          AND state IN ('scheduled', 'available', 'running', 'retryable', 'pending')
+          AND (state IN ('scheduled', 'available', 'running', 'retryable', 'pending')
+               OR unique_until IS NOT NULL)
         DO NOTHING
     RETURNING id, queue, task, state, unique_key
 ),
@@ -76,7 +77,8 @@ WITH inserted AS (
                           now() + make_interval(secs => %(delay)s::float8)) AS run_at) AS r
     ON CONFLICT (unique_key)
         WHERE unique_key IS NOT NULL
-          AND state IN ('scheduled', 'available', 'running', 'retryable', 'pending')
+          AND (state IN ('scheduled', 'available', 'running', 'retryable', 'pending')
+               OR unique_until IS NOT NULL)
         DO NOTHING
     RETURNING id, queue, task, state
 ),
@@ -105,7 +107,8 @@ FROM inserted CROSS JOIN notified CROSS JOIN published;
 SELECT unique_key, id
 FROM {schema}.jobs
 WHERE unique_key = ANY(%(keys)b::text[])
-  AND state IN ('scheduled', 'available', 'running', 'retryable', 'pending');
+  AND (state IN ('scheduled', 'available', 'running', 'retryable', 'pending')
+       OR unique_until IS NOT NULL);
 
 
 -- name: get_job

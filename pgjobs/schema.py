@@ -23,7 +23,7 @@ from sqlalchemy import (
     Text,
     text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, INTERVAL, JSONB, UUID
 
 from pgjobs.job import JobState
 from pgjobs.settings import DEFAULT_SCHEMA
@@ -61,6 +61,12 @@ jobs = Table(
     Column("progress", JSONB),
     Column("unique_key", Text),
     Column("meta", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("unique_until", DateTime(timezone=True)),
+    Column("limit_key", Text),
+    Column("depends_on", ARRAY(BigInteger)),
+    Column("waiting_for", ARRAY(BigInteger)),
+    Column("dependents", ARRAY(BigInteger)),
+    Column("on_parent_failure", Text),
     CheckConstraint("queue ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$'", name="jobs_queue_name"),
     CheckConstraint("length(task) BETWEEN 1 AND 255", name="jobs_task_name"),
     CheckConstraint("priority BETWEEN -100 AND 100", name="jobs_priority_range"),
@@ -82,6 +88,13 @@ jobs = Table(
     CheckConstraint("jsonb_typeof(args) = 'object'", name="jobs_args_object"),
     CheckConstraint("jsonb_typeof(meta) = 'object'", name="jobs_meta_object"),
     CheckConstraint("jsonb_typeof(errors) = 'array'", name="jobs_errors_array"),
+    CheckConstraint(
+        "on_parent_failure IN ('dead', 'cancel', 'run')", name="jobs_on_parent_failure"
+    ),
+    CheckConstraint(
+        "state <> 'pending' OR cardinality(waiting_for) > 0", name="jobs_pending_waits"
+    ),
+    CheckConstraint("octet_length(limit_key) <= 1024", name="jobs_limit_key_length"),
 )
 
 Index(
@@ -102,9 +115,14 @@ Index(
     "jobs_unique_key_idx",
     jobs.c.unique_key,
     unique=True,
-    postgresql_where=text(f"unique_key IS NOT NULL AND {_LIVE}"),
+    postgresql_where=text(f"unique_key IS NOT NULL AND ({_LIVE} OR unique_until IS NOT NULL)"),
 )
-Index("jobs_running_idx", jobs.c.worker, postgresql_where=text("state = 'running'"))
+Index(
+    "jobs_running_idx",
+    jobs.c.queue,
+    jobs.c.limit_key,
+    postgresql_where=text("state = 'running'"),
+)
 Index(
     "jobs_finished_idx",
     jobs.c.state,
@@ -136,6 +154,10 @@ queues = Table(
     Column("dead_alert_threshold", Integer),
     Column("dead_alerted_at", DateTime(timezone=True)),
     Column("meta", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("concurrency_limit", Integer),
+    Column("rate_limit", Integer),
+    Column("rate_period", INTERVAL),
+    Column("limit_per_key", Boolean, nullable=False, server_default=text("false")),
     CheckConstraint("name ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$'", name="queues_name"),
     CheckConstraint("paused = (paused_at IS NOT NULL)", name="queues_paused_at_iff_paused"),
     CheckConstraint(
@@ -143,4 +165,36 @@ queues = Table(
         name="queues_dead_alert_threshold_positive",
     ),
     CheckConstraint("jsonb_typeof(meta) = 'object'", name="queues_meta_object"),
+    CheckConstraint(
+        "concurrency_limit IS NULL OR concurrency_limit >= 1",
+        name="queues_concurrency_limit_positive",
+    ),
+    CheckConstraint(
+        "(rate_limit IS NULL) = (rate_period IS NULL)", name="queues_rate_limit_complete"
+    ),
+    CheckConstraint(
+        "rate_limit IS NULL OR (rate_limit >= 1 AND rate_period > interval '0')",
+        name="queues_rate_limit_positive",
+    ),
+)
+
+queue_starts = Table(
+    "queue_starts",
+    metadata,
+    Column("queue", Text, nullable=False),
+    Column("limit_key", Text),
+    Column("started_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+)
+Index("queue_starts_window_idx", queue_starts.c.queue, queue_starts.c.started_at)
+
+periodic = Table(
+    "periodic",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("task", Text, nullable=False),
+    Column("schedule", Text, nullable=False),
+    Column("timezone", Text, nullable=False),
+    Column("last_slot", DateTime(timezone=True)),
+    Column("last_job_id", BigInteger),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
 )
