@@ -6,6 +6,8 @@ processes with ``FOR UPDATE SKIP LOCKED``, and woken by LISTEN/NOTIFY.
 
 from pgjobs.app import App
 from pgjobs.context import JobContext
+from pgjobs.cron import InvalidScheduleError
+from pgjobs.enqueue import JobId, MissingParentError
 from pgjobs.errors import (
     ConfigurationError,
     DatabaseError,
@@ -19,6 +21,7 @@ from pgjobs.errors import (
     UnknownTaskError,
 )
 from pgjobs.events import EventStream, JobEvent
+from pgjobs.flow import JobCall
 from pgjobs.job import Job, JobState
 from pgjobs.outcomes import Cancel, Retry, Snooze
 from pgjobs.task import Task
@@ -34,12 +37,16 @@ __all__ = [
     "EventStream",
     "InvalidJobError",
     "InvalidNameError",
+    "InvalidScheduleError",
     "Job",
+    "JobCall",
     "JobContext",
     "JobEvent",
     "JobFailedError",
+    "JobId",
     "JobNotFoundError",
     "JobState",
+    "MissingParentError",
     "PayloadError",
     "PgJobsError",
     "Retry",

@@ -28,7 +28,8 @@ from psycopg.rows import dict_row
 from pgjobs.enqueue import schema_errors
 from pgjobs.errors import ConfigurationError, DatabaseError, JobNotFoundError, PgJobsError
 from pgjobs.job import FINAL_STATES, Job, JobState
-from pgjobs.settings import validate_queue
+from pgjobs.limits import QueueLimits
+from pgjobs.settings import control_channel_for, events_channel_for, validate_queue
 
 if TYPE_CHECKING:
     from pgjobs.app import App
@@ -38,7 +39,8 @@ DEFAULT_BATCH_SIZE = 10_000
 NOTIFY_QUEUE_LIMIT = 0.5
 # States `jobs retry` accepts: stopped (dead, cancelled) or waiting (retryable, scheduled).
 RETRYABLE_STATES = ("dead", "cancelled", "retryable", "scheduled")
-CANCELLABLE_STATES = ("scheduled", "available", "retryable", "pending")
+# States `jobs cancel` accepts: every state but the final ones.
+CANCELLABLE_STATES = ("scheduled", "available", "retryable", "pending", "running")
 
 
 class OperationError(PgJobsError):
@@ -167,10 +169,11 @@ class Admin:
         return Job.from_row(row)
 
     def cancel_job(self, job_id: int) -> Job:
-        """Cancel a job that has not started (scheduled, available, retryable, pending).
+        """Cancel a job that has not finished. A running one ends ``cancelled`` at once
+        and its worker is told to stop it (see :meth:`pgjobs.App.cancel`).
 
-        Raises JobNotFoundError for an unknown id and JobStateError for a running job
-        (cancelling running jobs is not supported yet) or one that is already final.
+        Raises JobNotFoundError for an unknown id and JobStateError for a job that already
+        finished.
         """
         with self._cursor() as cur:
             row = cur.execute(
@@ -179,16 +182,14 @@ class Admin:
                     "id": job_id,
                     "message": f"cancelled by an operator ({self.operator})",
                     "operator": self.operator,
+                    "control_channel": control_channel_for(self.app.schema),
+                    "events_channel": events_channel_for(self.app.schema),
                 },
             ).fetchone()
         if row is None:
             raise JobNotFoundError(f"no job with id {job_id}")
         if not row["cancelled"]:
             previous = row["previous_state"]
-            if previous == JobState.RUNNING:
-                raise JobStateError(
-                    f"job {job_id} is running: running jobs cannot be cancelled yet"
-                )
             raise JobStateError(f"job {job_id} is already {previous}: nothing to cancel")
         return self.get_job(job_id)
 
@@ -368,6 +369,14 @@ class Admin:
         if threshold is not None and (not isinstance(threshold, int) or threshold < 1):
             raise ConfigurationError(f"the threshold must be a positive integer, not {threshold!r}")
         rows = self._rows("set_dead_alert", {"name": validate_queue(name), "threshold": threshold})
+        return rows[0]
+
+    def set_queue_limits(self, name: str, limits: QueueLimits) -> dict[str, Any]:
+        """Set a queue's global concurrency and rate limits (``QueueLimits()``: none).
+        Running workers apply them from their next claim."""
+        if not isinstance(limits, QueueLimits):
+            raise ConfigurationError(f"expected QueueLimits, not {type(limits).__name__}")
+        rows = self._rows("set_queue_limits", limits.params(validate_queue(name)))
         return rows[0]
 
     def _set_paused(self, name: str, paused: bool) -> dict[str, Any]:

@@ -15,15 +15,21 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from pgjobs.connections import async_connection, sync_connection
+from pgjobs.cron import Missed, PeriodicTask, declare, parse_schedule
 from pgjobs.database import CONNECT_TIMEOUT, connect, connect_async, resolve_database_url
 from pgjobs.enqueue import (
+    ArgsFunction,
+    JobId,
     JobSpec,
     OnDuplicate,
+    OnParentFailure,
     Options,
     Writer,
     check_max_attempts,
     check_priority,
     make_spec,
+    now,
+    resolve_unique,
     schema_errors,
 )
 from pgjobs.errors import (
@@ -34,7 +40,18 @@ from pgjobs.errors import (
     UnknownTaskError,
 )
 from pgjobs.events import EventStream
+from pgjobs.flow import (
+    JobCall,
+    chain_writer,
+    chain_writer_async,
+    check_calls,
+    fan_in_writer,
+    fan_in_writer_async,
+    in_transaction,
+    in_transaction_async,
+)
 from pgjobs.job import Job, JobState
+from pgjobs.limits import QueueLimits
 from pgjobs.queries import Queries
 from pgjobs.settings import (
     DEFAULT_MAX_ATTEMPTS,
@@ -46,7 +63,7 @@ from pgjobs.settings import (
     validate_schema,
     validate_task_name,
 )
-from pgjobs.task import Task, TaskConfig
+from pgjobs.task import Task, TaskConfig, flow_config
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -97,6 +114,9 @@ class App:
         self._async_pool: AsyncConnectionPool | None = None
         self._lock = threading.Lock()
         self._dead_alert_hooks: list[DeadAlertHook] = []
+        # Periodic (cron) declarations by name; every worker of this app schedules them.
+        self.periodics: dict[str, PeriodicTask] = {}
+        self.queue_limits: dict[str, QueueLimits] = {}
 
     # -- configuration -------------------------------------------------------------------
 
@@ -125,6 +145,11 @@ class App:
         retry_on: Sequence[type[BaseException]] = (Exception,),
         discard_on: Sequence[type[BaseException]] = (),
         backoff: Callable[[int], float] | None = None,
+        unique: bool = False,
+        unique_by: Sequence[str] | ArgsFunction | None = None,
+        unique_for: float | timedelta | None = None,
+        limit_by: Sequence[str] | ArgsFunction | None = None,
+        on_parent_failure: OnParentFailure = "dead",
     ) -> Callable[[F], Task[Any, Any]]: ...
 
     def task(
@@ -140,13 +165,30 @@ class App:
         retry_on: Sequence[type[BaseException]] = (Exception,),
         discard_on: Sequence[type[BaseException]] = (),
         backoff: Callable[[int], float] | None = None,
+        unique: bool = False,
+        unique_by: Sequence[str] | ArgsFunction | None = None,
+        unique_for: float | timedelta | None = None,
+        limit_by: Sequence[str] | ArgsFunction | None = None,
+        on_parent_failure: OnParentFailure = "dead",
     ) -> Any:
         """Register a function as a task: ``@app.task`` or ``@app.task(queue=..., ...)``.
 
         ``timeout`` is in seconds; ``retry_on`` lists the exception types that retry
         (others go straight to ``dead``), ``discard_on`` those that never retry;
         ``backoff(attempt)`` returns the seconds to wait before the next attempt.
+        ``unique=True`` gives every job a unique key derived from the task and all its
+        arguments, ``unique_by`` from the named arguments (or a function of them);
+        ``unique_for`` holds the key for a period instead of while the job is live.
+        ``limit_by`` derives the job's ``limit_key`` likewise; ``on_parent_failure`` is
+        the default of jobs with ``depends_on`` (see :meth:`Task.enqueue`).
         """
+        flow = flow_config(
+            unique=unique,
+            unique_by=unique_by,
+            unique_for=unique_for,
+            limit_by=limit_by,
+            on_parent_failure=on_parent_failure,
+        )
 
         def register(fn: Callable[..., Any]) -> Task[Any, Any]:
             task_name = validate_task_name(name or f"{fn.__module__}.{fn.__qualname__}")
@@ -165,12 +207,64 @@ class App:
                 retry_on=tuple(retry_on),
                 discard_on=tuple(discard_on),
                 backoff=backoff,
+                **flow,
             )
             task: Task[Any, Any] = Task(self, fn, config)
             self.tasks[task_name] = task
             return task
 
         return register(fn) if fn is not None else register
+
+    def periodic(
+        self,
+        schedule: str | None = None,
+        *,
+        every: float | timedelta | None = None,
+        timezone: str = "UTC",
+        args: dict[str, Any] | None = None,
+        name: str | None = None,
+        missed: Missed = "skip",
+        grace: float | timedelta | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+    ) -> Callable[[Any], Task[Any, Any]]:
+        """Enqueue a task once per slot of a schedule, whichever workers run:
+        ``@app.periodic("*/5 * * * *", timezone="Europe/Paris", args={...})`` above a
+        task (or above a plain function, which is then registered as a task).
+
+        ``schedule`` is a cron expression (5 fields, 6 with seconds first, or an alias
+        such as ``@hourly``) read in ``timezone``; ``every`` (seconds or a timedelta) is
+        an interval instead. ``missed="skip"`` drops slots no worker got to within
+        ``grace`` (default: a minute, or the period if shorter), ``"backfill"`` enqueues
+        them all. ``name`` (default: the task's name) identifies the schedule. A bad
+        expression, time zone, option or argument raises at declaration.
+        """
+        parsed = parse_schedule(schedule, every=every, timezone=timezone)
+
+        def register(target: Any) -> Task[Any, Any]:
+            task = target if isinstance(target, Task) else self.task(target)
+            try:
+                declare(
+                    self.tasks,
+                    self.periodics,
+                    task,
+                    parsed,
+                    args=args,
+                    name=name,
+                    missed=missed,
+                    grace=grace,
+                    queue=queue,
+                    priority=priority,
+                    max_attempts=max_attempts,
+                )
+            except Exception:
+                if task is not target:  # registered just now: leave no half declaration
+                    del self.tasks[task.name]
+                raise
+            return task
+
+        return register
 
     # -- enqueue by name -----------------------------------------------------------------
 
@@ -188,7 +282,13 @@ class App:
         unique_key: str | None = None,
         meta: dict[str, Any] | None = None,
         on_duplicate: OnDuplicate = "existing",
-    ) -> int | None:
+        unique: bool | None = None,
+        unique_by: Sequence[str] | ArgsFunction | None = None,
+        unique_for: float | timedelta | None = None,
+        limit_key: str | None = None,
+        depends_on: Sequence[int] | None = None,
+        on_parent_failure: OnParentFailure | None = None,
+    ) -> JobId | None:
         """Enqueue a job of the task called ``task`` with ``args``; see :meth:`Task.enqueue`."""
         options = Options.validate(
             queue=queue,
@@ -199,6 +299,12 @@ class App:
             unique_key=unique_key,
             meta=meta,
             on_duplicate=on_duplicate,
+            unique=unique,
+            unique_by=unique_by,
+            unique_for=unique_for,
+            limit_key=limit_key,
+            depends_on=depends_on,
+            on_parent_failure=on_parent_failure,
         )
         return self._enqueue_specs([self._spec_by_name(task, args or {}, options)], options, conn)[
             0
@@ -218,7 +324,13 @@ class App:
         unique_key: str | None = None,
         meta: dict[str, Any] | None = None,
         on_duplicate: OnDuplicate = "existing",
-    ) -> int | None:
+        unique: bool | None = None,
+        unique_by: Sequence[str] | ArgsFunction | None = None,
+        unique_for: float | timedelta | None = None,
+        limit_key: str | None = None,
+        depends_on: Sequence[int] | None = None,
+        on_parent_failure: OnParentFailure | None = None,
+    ) -> JobId | None:
         """The async twin of :meth:`enqueue`."""
         options = Options.validate(
             queue=queue,
@@ -229,31 +341,39 @@ class App:
             unique_key=unique_key,
             meta=meta,
             on_duplicate=on_duplicate,
+            unique=unique,
+            unique_by=unique_by,
+            unique_for=unique_for,
+            limit_key=limit_key,
+            depends_on=depends_on,
+            on_parent_failure=on_parent_failure,
         )
         spec = self._spec_by_name(task, args or {}, options)
         return (await self._enqueue_specs_async([spec], options, conn))[0]
 
     def enqueue_many(
         self, task: str, items: Iterable[dict[str, Any]], *, conn: Any = None, **options: Any
-    ) -> list[int | None]:
+    ) -> list[JobId | None]:
         """Enqueue many jobs of the task called ``task``; see :meth:`Task.enqueue_many`."""
         registered = self.tasks.get(task)
         if registered is not None:
             return registered.enqueue_many(items, conn=conn, **options)
         opts, key = self._by_name_batch(task, options)
+        clock = now()
         return self._enqueue_specs(
-            [self._spec_by_name(task, a, opts, key) for a in items], opts, conn
+            [self._spec_by_name(task, a, opts, key, clock) for a in items], opts, conn
         )
 
     async def enqueue_many_async(
         self, task: str, items: Iterable[dict[str, Any]], *, conn: Any = None, **options: Any
-    ) -> list[int | None]:
+    ) -> list[JobId | None]:
         """The async twin of :meth:`enqueue_many`."""
         registered = self.tasks.get(task)
         if registered is not None:
             return await registered.enqueue_many_async(items, conn=conn, **options)
         opts, key = self._by_name_batch(task, options)
-        specs = [self._spec_by_name(task, a, opts, key) for a in items]
+        clock = now()
+        specs = [self._spec_by_name(task, a, opts, key, clock) for a in items]
         return await self._enqueue_specs_async(specs, opts, conn)
 
     def _by_name_batch(self, task: str, options: dict[str, Any]) -> tuple[Options, Any]:
@@ -273,18 +393,58 @@ class App:
             )
 
     def _spec_by_name(
-        self, task: str, args: dict[str, Any], options: Options, unique_key: Any = None
+        self,
+        task: str,
+        args: dict[str, Any],
+        options: Options,
+        unique_key: Any = None,
+        clock: float | None = None,
     ) -> JobSpec:
         registered = self.tasks.get(task)
         if registered is not None:
-            return registered._spec(args, options, unique_key)
+            return registered._spec(args, options, unique_key, clock)
         self._check_task_name(task)
         if unique_key is not None:
             options = options.with_unique_key(unique_key(args))
         defaults = {"queue": DEFAULT_QUEUE, "priority": 0, "max_attempts": DEFAULT_MAX_ATTEMPTS}
-        return make_spec(task, args, options, defaults)
+        if options.plain or not isinstance(args, dict):
+            return make_spec(task, args, options, defaults)
+        # A task of another code base: its parameters' defaults are unknown here.
+        unique = resolve_unique(task, args, options, None, {}, now() if clock is None else clock)
+        return make_spec(task, args, options, defaults, unique)
 
-    def _enqueue_specs(self, specs: list[JobSpec], options: Options, conn: Any) -> list[int | None]:
+    # -- dependencies: chains and fan-ins ------------------------------------------------
+
+    def chain(self, *calls: JobCall, conn: Any = None) -> list[JobId]:
+        """Enqueue ``calls`` (``task.job(...)``) so that each runs after the one before it
+        succeeded: ``app.chain(a.job(x=1), b.job(), c.job(), conn=session)``. One
+        transaction (the caller's with ``conn``): all of them or none. Returns their ids.
+        A failed step ends the rest per their ``on_parent_failure`` (default: dead)."""
+        return in_transaction(self, conn, chain_writer(check_calls(self, calls, "chain")))
+
+    async def chain_async(self, *calls: JobCall, conn: Any = None) -> list[JobId]:
+        """The async twin of :meth:`chain`."""
+        write = chain_writer_async(check_calls(self, calls, "chain"))
+        return await in_transaction_async(self, conn, write)
+
+    def fan_in(self, parents: Sequence[JobCall], *, then: JobCall, conn: Any = None) -> list[JobId]:
+        """Enqueue ``parents`` (``task.job(...)``, free to run in parallel) and ``then``,
+        which runs once all of them succeeded: ``*ids, child = app.fan_in([a.job(),
+        b.job()], then=d.job(), conn=session)``. One transaction; returns the parents'
+        ids followed by the child's."""
+        write = fan_in_writer(check_calls(self, parents, "fan_in"), _then(self, then))
+        return in_transaction(self, conn, write)
+
+    async def fan_in_async(
+        self, parents: Sequence[JobCall], *, then: JobCall, conn: Any = None
+    ) -> list[JobId]:
+        """The async twin of :meth:`fan_in`."""
+        write = fan_in_writer_async(check_calls(self, parents, "fan_in"), _then(self, then))
+        return await in_transaction_async(self, conn, write)
+
+    def _enqueue_specs(
+        self, specs: list[JobSpec], options: Options, conn: Any
+    ) -> list[JobId | None]:
         if not specs:
             return []
         if conn is not None:
@@ -299,7 +459,7 @@ class App:
 
     async def _enqueue_specs_async(
         self, specs: list[JobSpec], options: Options, conn: Any
-    ) -> list[int | None]:
+    ) -> list[JobId | None]:
         if not specs:
             return []
         if conn is not None:
@@ -345,6 +505,39 @@ class App:
         if row is None:
             raise JobNotFoundError(f"no job with id {job_id}")
         return Job.from_row(row)
+
+    def limit_queue(
+        self,
+        queue: str,
+        *,
+        concurrency: int | None = None,
+        rate: str | tuple[int, float | timedelta] | None = None,
+        per_key: bool = False,
+    ) -> QueueLimits:
+        """Declare global limits for ``queue``, over every worker and host: at most
+        ``concurrency`` jobs running, at most ``rate`` starts per period (``"20/s"``,
+        ``"100/m"``, ``(5, 30.0)``); with ``per_key``, per ``limit_key`` of the queue.
+        Workers of this app write them to the database when they start; operators can
+        change them at any time with ``pgjobs queues limit``."""
+        limits = QueueLimits.build(concurrency=concurrency, rate=rate, per_key=per_key)
+        if not limits.limited:
+            raise ConfigurationError("give a concurrency and/or a rate limit")
+        self.queue_limits[validate_queue(queue)] = limits
+        return limits
+
+    def cancel(self, job_id: int) -> Job:
+        """Cancel a job: one waiting to run ends ``cancelled`` at once; for a running one
+        the database records ``cancelled`` and the worker holding it is told at once (an
+        ``async`` task is cancelled, a plain function sees ``ctx.cancelled``; whatever it
+        returns afterwards is not recorded). JobNotFoundError for an unknown id,
+        JobStateError for a job that already finished."""
+        from pgjobs.admin import Admin
+
+        return Admin(self).cancel_job(job_id)
+
+    async def cancel_async(self, job_id: int) -> Job:
+        """:meth:`cancel` for async code (runs it in a thread)."""
+        return await asyncio.to_thread(self.cancel, job_id)
 
     def on_dead_alert(self, hook: DeadAlertHook) -> DeadAlertHook:
         """Register ``hook(queue, dead_count, threshold)``, called by a worker (on its
@@ -505,6 +698,10 @@ class App:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _then(app: App, then: JobCall) -> JobCall:
+    return check_calls(app, [then], "fan_in(then=...)")[0]
 
 
 def _wait_step(job: Job, deadline: float, timeout: float) -> tuple[bool, Any, float]:

@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from pgjobs.errors import ConfigurationError, PgJobsError
+from pgjobs.limits import QueueLimits
 from pgjobs.settings import APP_ENV, DATABASE_URL_ENV, SCHEMA_ENV
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -176,17 +177,26 @@ def migrate_sql(
 DEMO_APP = "pgjobs.demo:app"
 
 
-def _queue_names(value: str | None) -> list[str] | None:
+def _queue_names(value: str | None) -> tuple[list[str] | None, dict[str, int]]:
+    """``a,b,c=5`` as (queues sharing --concurrency, {queue: its own slots})."""
     if not value:
-        return None
-    names = [name.strip() for name in value.split(",") if name.strip()]
-    if any("=" in name for name in names):
-        raise typer.BadParameter(
-            "per-queue concurrency (queue=N) is not supported yet; list queue names and set "
-            "--concurrency",
-            param_hint="--queues",
-        )
-    return names
+        return None, {}
+    shared: list[str] = []
+    own: dict[str, int] = {}
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        name, _, slots = item.partition("=")
+        if not _:
+            shared.append(name.strip())
+        elif slots.strip().isdigit() and int(slots) >= 1:
+            own[name.strip()] = int(slots)
+        else:
+            raise typer.BadParameter(
+                f"{item!r}: give a queue's concurrency as NAME=N with N a positive integer",
+                param_hint="--queues",
+            )
+    return shared or None, own
 
 
 def _configure_logging(level: str) -> None:
@@ -224,7 +234,8 @@ def work(
         typer.Option(
             "--queues",
             "-q",
-            help="Queues to work, comma-separated (default: the queues of the app's tasks).",
+            help="Queues to work, comma-separated (default: the queues of the app's tasks); "
+            "NAME=N gives a queue N slots of its own: emails=10,reports=2.",
         ),
     ] = None,
     concurrency: Annotated[
@@ -284,6 +295,18 @@ def work(
     log_level: Annotated[
         str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
     ] = "INFO",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=1,
+            max=65535,
+            help="Serve Prometheus metrics on this port (with --processes: summed, one port).",
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option("--metrics-host", help="Address the metrics port binds to.")
+    ] = "127.0.0.1",
 ) -> None:
     """Run jobs: claim them from the queues, run them, record their outcomes.
 
@@ -310,7 +333,7 @@ def work(
             cancelled=_retention(retain_cancelled, "--retain-cancelled"),
             dead=_retention(retain_dead, "--retain-dead"),
         )
-    queue_names = _queue_names(queues)
+    queue_names, queue_concurrency = _queue_names(queues)
     app, demo = _load_work_app()
     if demo:
         from pgjobs import demo as demo_module
@@ -321,7 +344,13 @@ def work(
 
         env = child_env(app.database_url, DEMO_APP if demo else None)
         supervisor = Supervisor(child_argv(sys.argv[1:]), processes, env, burst=burst)
-        raise typer.Exit(supervisor.run())
+        if metrics_port is None:
+            raise typer.Exit(supervisor.run())
+        from pgjobs.metrics import supervisor_metrics
+
+        with supervisor_metrics(metrics_port, metrics_host, env):
+            status = supervisor.run()
+        raise typer.Exit(status)
 
     from pgjobs.supervisor import watch_supervisor
     from pgjobs.worker import Worker
@@ -330,6 +359,7 @@ def work(
         app,
         queue_names,
         concurrency,
+        queue_concurrency=queue_concurrency,
         prefetch=prefetch,
         poll_interval=poll_interval,
         heartbeat_interval=heartbeat_interval,
@@ -338,6 +368,10 @@ def work(
         burst=burst,
         retention=retention,
     )
+    if metrics_port is not None:
+        from pgjobs.metrics import worker_metrics
+
+        worker.observer = worker_metrics(metrics_port, metrics_host)
     watch_supervisor(worker.stop)
     worker.run()
 
@@ -389,10 +423,12 @@ def bench(
 
 jobs_cli = typer.Typer(help="Inspect and act on jobs.", no_args_is_help=True)
 dead_cli = typer.Typer(help="The dead-letter queue: jobs out of attempts.", no_args_is_help=True)
-queues_cli = typer.Typer(help="Pause and resume queues.", no_args_is_help=True)
+queues_cli = typer.Typer(help="Pause, resume and limit queues.", no_args_is_help=True)
 cli.add_typer(jobs_cli, name="jobs")
 cli.add_typer(dead_cli, name="dead")
 cli.add_typer(queues_cli, name="queues")
+cron_cli = typer.Typer(help="Periodic (cron) jobs.", no_args_is_help=True)
+cli.add_typer(cron_cli, name="cron")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
@@ -637,6 +673,13 @@ def _emit_job(job: Any, as_json: bool) -> None:
         _print_job(job)
 
 
+_WIDTH = len("on_parent_failure")  # the longest field name of `jobs show`
+# Fields of `jobs show` left out while unset (most jobs have no limits or dependencies).
+_SHOWN_WHEN_SET = frozenset(
+    {"unique_until", "limit_key", "on_parent_failure", "depends_on", "waiting_for", "dependents"}
+)
+
+
 def _print_job(job: Any) -> None:
     import json
 
@@ -655,17 +698,26 @@ def _print_job(job: Any) -> None:
         "finished_at",
         "worker",
         "unique_key",
+        "unique_until",
+        "limit_key",
+        "on_parent_failure",
+        "depends_on",
+        "waiting_for",
+        "dependents",
     ]
     for name in fields:
-        console.print(f"[bold]{name:>13}[/bold]  {_cell(getattr(job, name))}", markup=True)
+        value = getattr(job, name)
+        if value is None and name in _SHOWN_WHEN_SET:
+            continue
+        console.print(f"[bold]{name:>{_WIDTH}}[/bold]  {_cell(value)}", markup=True)
     for name in ("args", "progress", "result", "meta"):
         value = getattr(job, name)
-        console.print(f"[bold]{name:>13}[/bold]  ", end="", markup=True)
+        console.print(f"[bold]{name:>{_WIDTH}}[/bold]  ", end="", markup=True)
         console.print(json.dumps(value, sort_keys=True), markup=False)
     if not job.errors:
-        console.print(f"[bold]{'errors':>13}[/bold]  none", markup=True)
+        console.print(f"[bold]{'errors':>{_WIDTH}}[/bold]  none", markup=True)
         return
-    console.print(f"[bold]{'errors':>13}[/bold]  {len(job.errors)}", markup=True)
+    console.print(f"[bold]{'errors':>{_WIDTH}}[/bold]  {len(job.errors)}", markup=True)
     for error in job.errors:
         console.print(
             f"  attempt {error.get('attempt')} at {error.get('at')} on "
@@ -690,7 +742,7 @@ def jobs_show(job_id: Annotated[int, typer.Argument()], as_json: JsonOption = Fa
 @jobs_cli.command("cancel")
 @reports_errors
 def jobs_cancel(job_id: Annotated[int, typer.Argument()], as_json: JsonOption = False) -> None:
-    """Cancel a job that has not started. (Running jobs cannot be cancelled yet.)"""
+    """Cancel a job that has not finished; a running one is stopped by its worker."""
     with _admin() as admin:
         job = admin.cancel_job(job_id)
     if as_json:
@@ -904,11 +956,24 @@ def queues_list(as_json: JsonOption = False) -> None:
             ("name", "queue"),
             ("paused", "paused"),
             ("paused_at", "since"),
+            ("limits", "limits"),
             ("waiting", "waiting"),
             ("running", "running"),
             ("dead", "dead"),
         ]
+        for row in rows:
+            row["limits"] = _limits_text(row)
         _show("queues", rows, columns)
+
+
+def _limits_text(row: dict[str, Any]) -> str:
+    limits = QueueLimits(
+        concurrency=row["concurrency_limit"],
+        rate=row["rate_limit"],
+        period=row["rate_period"],
+        per_key=row["limit_per_key"],
+    )
+    return "" if not limits.limited else limits.describe()
 
 
 @queues_cli.command("pause")
@@ -927,6 +992,42 @@ def queues_resume(name: Annotated[str, typer.Argument()], as_json: JsonOption = 
     with _admin() as admin:
         row = admin.resume_queue(name)
     _print_json(row) if as_json else typer.echo(f"queue {name} resumed")
+
+
+@queues_cli.command("limit")
+@reports_errors
+def queues_limit(
+    name: Annotated[str, typer.Argument()],
+    concurrency: Annotated[
+        int | None,
+        typer.Option("--concurrency", min=1, help="At most N jobs running, over all workers."),
+    ] = None,
+    rate: Annotated[
+        str | None,
+        typer.Option("--rate", help="At most COUNT starts per PERIOD: 20/s, 100/m, 5/30s."),
+    ] = None,
+    per_key: Annotated[
+        bool,
+        typer.Option("--per-key", help="Apply the limits to each limit_key separately."),
+    ] = False,
+    off: Annotated[bool, typer.Option("--off", help="Remove the queue's limits.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Set a queue's global limits, enforced by every worker at claim time. The options
+    given replace all the queue's limits (--off removes them)."""
+    if off == (concurrency is not None or rate is not None):
+        raise typer.BadParameter("give --concurrency and/or --rate, or --off")
+    limits = (
+        QueueLimits()
+        if off
+        else QueueLimits.build(concurrency=concurrency, rate=rate, per_key=per_key)
+    )
+    with _admin() as admin:
+        row = admin.set_queue_limits(name, limits)
+    if as_json:
+        _print_json(row)
+    else:
+        typer.echo(f"queue {name}: limits {limits.describe()}")
 
 
 @queues_cli.command("alert")
@@ -953,6 +1054,33 @@ def queues_alert(
         typer.echo(f"queue {name}: dead-letter alert off")
     else:
         typer.echo(f"queue {name}: dead-letter alert at {threshold} dead job(s)")
+
+
+@cron_cli.command("list")
+@reports_errors
+def cron_list(as_json: JsonOption = False) -> None:
+    """Periodic tasks: name, task, schedule, time zone, last and next slot. With --app,
+    the app's declarations are listed too (even before a worker has seen them)."""
+    from pgjobs.cron import list_periodic
+    from pgjobs.enqueue import schema_errors
+
+    with _admin() as admin:
+        app = admin.app
+        with app.pool.connection() as conn, schema_errors(app.schema):
+            rows = list_periodic(conn, app.queries, app.periodics)
+    if as_json:
+        _print_json(rows)
+    else:
+        columns = [
+            ("name", "name"),
+            ("task", "task"),
+            ("schedule", "schedule"),
+            ("timezone", "time zone"),
+            ("last_slot", "last slot"),
+            ("next_slot", "next slot"),
+            ("declared", "declared"),
+        ]
+        _show("periodic tasks", rows, columns)
 
 
 @cli.command("prune")
@@ -1023,6 +1151,29 @@ def doctor(
                 console.print("      fix: " + check.fix, markup=False)
     if worst(checks) is Verdict.FAIL:
         raise typer.Exit(1)
+
+
+@cli.command("dashboard")
+@reports_errors
+def dashboard(
+    host: Annotated[str, typer.Option("--host", help="Address to bind (default: local only).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8080,
+    read_only: Annotated[
+        bool, typer.Option("--read-only", help="Show everything, offer no action.")
+    ] = False,
+    log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
+) -> None:
+    """Serve the web dashboard: queues, jobs, dead-letter queue, workers, live updates and
+    Prometheus /metrics. PGJOBS_DASHBOARD_TOKEN or PGJOBS_DASHBOARD_PASSWORD (with
+    PGJOBS_DASHBOARD_USER, default 'pgjobs') in the environment require a login."""
+    _configure_logging(log_level)
+    from pgjobs.app import App
+    from pgjobs.dashboard.server import auth_from_env, serve
+
+    app = state.load_app() if state.app else App(state.database_url, schema=state.schema_name())
+    serve(app, host=host, port=port, read_only=read_only, auth=auth_from_env())
 
 
 def main() -> None:

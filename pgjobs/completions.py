@@ -55,6 +55,10 @@ class Completions:
         self.written = 0
         self.batches = 0
         self.stale = 0
+        # Called with how many dependent jobs a batch made runnable (finish_jobs settles
+        # the children of finished jobs); the worker claims again at once, since workers
+        # never NOTIFY.
+        self.on_released: Callable[[int], None] | None = None
 
     def add(self, finish: Finish) -> None:
         """Queue one outcome for the next batch."""
@@ -104,6 +108,13 @@ class Completions:
         )
         return await cur.fetchone() is not None
 
+    async def parent_results(self, job_id: int) -> dict[int, Any]:
+        """``{parent id: result}`` of the succeeded parents of job ``job_id``
+        (JobContext.parent_results)."""
+        conn = await self._connection()
+        cur = await conn.execute(self.queries.parent_results, {"id": job_id})
+        return {row[0]: row[2] for row in await cur.fetchall() if row[1] == "succeeded"}
+
     async def _write_with_retry(self, batch: list[Finish]) -> None:
         delay = 0.05
         while True:
@@ -124,7 +135,10 @@ class Completions:
     async def _write(self, batch: list[Finish]) -> None:
         conn = await self._connection()
         cur = await conn.execute(self.queries.finish_jobs, self._params(batch))
-        written = {row[0] for row in await cur.fetchall()}
+        rows = await cur.fetchall()
+        written = {row[0] for row in rows}
+        if rows and rows[0][1] and self.on_released is not None:
+            self.on_released(rows[0][1])
         self.written += len(written)
         self.batches += 1
         lost = [f.job_id for f in batch if f.job_id not in written]

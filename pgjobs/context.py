@@ -9,6 +9,9 @@ A task receives it by declaring a parameter annotated ``pgjobs.JobContext`` (or 
             if ctx.shutting_down:
                 raise pgjobs.Snooze(0)   # hand the job back; it resumes on another worker
             ctx.progress(i / total)
+
+A job enqueued with ``depends_on`` reads what its parents returned with
+``ctx.parent_results()`` (``await ctx.parent_results_async()`` in an ``async def`` task).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Any
 from pgjobs.enqueue import to_json
 
 ProgressWriter = Callable[[int, uuid.UUID, str], Awaitable[bool]]
+# Reads {parent id: result} of the succeeded parents of a job.
+ParentReader = Callable[[int], Awaitable[dict[int, Any]]]
 
 # How long a sync task waits for its progress write before giving up on it.
 _PROGRESS_TIMEOUT = 10.0
@@ -50,6 +55,7 @@ class JobContext:
         loop: asyncio.AbstractEventLoop,
         write_progress: ProgressWriter,
         shutdown: threading.Event,
+        read_parents: ParentReader | None = None,
     ) -> None:
         self.id = id
         self.attempt = attempt
@@ -61,6 +67,8 @@ class JobContext:
         self._loop = loop
         self._write_progress = write_progress
         self._shutdown = shutdown
+        self._read_parents = read_parents
+        self._parent_results: dict[int, Any] | None = None
         # A plain flag: set on the loop thread, read from the task's thread; an Event per
         # job costs more than the rest of the context.
         self._cancelled = False
@@ -102,6 +110,36 @@ class JobContext:
             return
         future = asyncio.run_coroutine_threadsafe(self._write(payload), self._loop)
         future.result(timeout=_PROGRESS_TIMEOUT)
+
+    def parent_results(self) -> dict[int, Any]:
+        """``{parent job id: result}`` of the jobs this one was enqueued to wait for
+        (``depends_on``, chains, fan-ins). Only parents that succeeded are in it: with
+        ``on_parent_failure="run"`` a failed parent is missing. Read from the database
+        once per attempt. From a sync task; ``async def`` tasks await
+        :meth:`parent_results_async`.
+        """
+        if self._parent_results is None:
+            if _on_loop(self._loop):
+                raise RuntimeError(
+                    "ctx.parent_results() would block the event loop: in an async task, "
+                    "use await ctx.parent_results_async()"
+                )
+            future = asyncio.run_coroutine_threadsafe(self._load_parents(), self._loop)
+            future.result(timeout=_PROGRESS_TIMEOUT)
+        assert self._parent_results is not None
+        return dict(self._parent_results)
+
+    async def parent_results_async(self) -> dict[int, Any]:
+        """The async twin of :meth:`parent_results`."""
+        if self._parent_results is None:
+            await self._load_parents()
+        assert self._parent_results is not None
+        return dict(self._parent_results)
+
+    async def _load_parents(self) -> None:
+        if self._read_parents is None:
+            raise RuntimeError("this JobContext cannot read parent results (no worker)")
+        self._parent_results = await self._read_parents(self.id)
 
     async def progress_async(self, value: float | int | str | None, data: Any = None) -> bool:
         """Record progress from an async task; True if this attempt still holds the job."""

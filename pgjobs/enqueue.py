@@ -2,18 +2,30 @@
 
 Everything that can be wrong with a job is checked here, before anything reaches the
 database, so a bad call raises a pgjobs error and leaves the caller's transaction usable.
+
+Unique keys derived from arguments (``unique=True``, ``unique_by=``) are the task name, a
+colon, and the SHA-256 (hex) of the canonical JSON of the chosen arguments: a JSON object
+of argument name to value (every argument, arguments left out counting with their
+parameter's default), or the value a ``unique_by`` function returns, serialised with
+sorted keys and no whitespace. The same arguments give the same key in every process and
+version of Python. A key held for a period (``unique_for=``) gets ``@<period>s:<bucket>``
+appended, the bucket being floor(unix time / period) on the enqueuing process's clock, so
+every producer names the same period without asking anyone; the row then holds the key in
+every state until ``unique_until``, the end of that bucket (and retention keeps it so long).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
-from typing import Any, Literal
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar, Literal
 
 import psycopg
 
@@ -22,6 +34,11 @@ from pgjobs.queries import Queries
 from pgjobs.settings import PRIORITY_MAX, PRIORITY_MIN, validate_queue
 
 OnDuplicate = Literal["existing", "none"]
+OnParentFailure = Literal["dead", "cancel", "run"]
+ON_PARENT_FAILURE: tuple[str, ...] = ("dead", "cancel", "run")
+# Where a unique or limit key comes from: argument names, or a function of the arguments.
+ArgsFunction = Callable[[dict[str, Any]], Any]
+KeySource = tuple[str, ...] | ArgsFunction
 
 # A JSON text with an unescaped \u0000: PostgreSQL's jsonb cannot store NUL characters.
 _NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
@@ -34,9 +51,51 @@ _UNIQUE_ROUNDS = 5
 MAX_DELAY = timedelta(days=36_525)  # a century
 MAX_ATTEMPTS_LIMIT = 2**31 - 1
 UNIQUE_KEY_MAX_BYTES = 1024
+LIMIT_KEY_MAX_BYTES = 1024  # CHECK jobs_limit_key_length
+# Parent ids are bigint; more parents than this per job is a mistake, not a workflow.
+MAX_PARENTS = 10_000
+_BIGINT_MAX = 2**63 - 1
 # No NOTIFY once the server's notification queue is this full (a commit must never fail
 # because of it; workers poll).
 _NOTIFY_QUEUE_LIMIT = 0.5
+
+
+class JobId(int):
+    """A job id as enqueue returns it: an ``int`` (use it as one) that also tells whether
+    this call created the job (``created``) or found an existing job holding the same
+    unique key (``duplicate``; see :meth:`existing`)."""
+
+    # No per-instance state: a bulk enqueue makes tens of thousands of these.
+    __slots__ = ()
+    created: ClassVar[bool] = True
+
+    @property
+    def duplicate(self) -> bool:
+        """True when the job already existed (a unique key held by it)."""
+        return not self.created
+
+    @staticmethod
+    def existing(value: int) -> JobId:
+        """The id of a job that existed before the enqueue (``created`` is False)."""
+        return _ExistingJobId(value)
+
+
+class _ExistingJobId(JobId):
+    __slots__ = ()
+    created: ClassVar[bool] = False
+
+
+class MissingParentError(InvalidJobError, LookupError):
+    """``depends_on`` named jobs that do not exist (never did, pruned, or enqueued by a
+    transaction that has not committed). Nothing was written; ``missing`` lists them."""
+
+    def __init__(self, missing: Sequence[int]) -> None:
+        self.missing = list(missing)
+        shown = ", ".join(map(str, self.missing[:20])) + (" …" if len(self.missing) > 20 else "")
+        super().__init__(
+            f"depends_on names job(s) that do not exist: {shown} (a parent must be committed, "
+            "or enqueued earlier in the same transaction, and not pruned)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +111,20 @@ class JobSpec:
     delay: float = 0.0
     unique_key: str | None = None
     meta: str = "{}"
+    unique_until: datetime | None = None
+    limit_key: str | None = None
+    depends_on: tuple[int, ...] | None = None
+    on_parent_failure: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UniqueRule:
+    """A task's unique-jobs setting: the key comes from the arguments named in ``by`` (None:
+    every argument) or from ``by(args)``; it is held while the job is live, or, with
+    ``period`` (seconds), for the period the enqueue falls in, whatever the job's state."""
+
+    by: KeySource | None = None
+    period: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +139,23 @@ class Options:
     unique_key: str | None = None
     meta: str = "{}"  # JSON text: one serialisation for a whole batch
     on_duplicate: OnDuplicate = "existing"
+    unique: bool | None = None
+    unique_by: KeySource | None = None
+    unique_for: float | None = None
+    limit_key: str | None = None
+    depends_on: tuple[int, ...] | None = None
+    on_parent_failure: OnParentFailure | None = None
+    # No unique derivation, period or limit key asked for: the fast path of a bulk enqueue
+    # (computed once by validate, not once per job).
+    plain: bool = True
 
     def with_unique_key(self, key: object) -> Options:
         """These options with a per-job unique key (validated)."""
         return replace(self, unique_key=check_unique_key(key))
+
+    def with_parents(self, parents: Sequence[int]) -> Options:
+        """These options with ``parents`` added to ``depends_on``."""
+        return replace(self, depends_on=check_parents((*(self.depends_on or ()), *parents)))
 
     @classmethod
     def validate(
@@ -83,6 +169,12 @@ class Options:
         unique_key: str | None = None,
         meta: dict[str, Any] | None = None,
         on_duplicate: OnDuplicate = "existing",
+        unique: bool | None = None,
+        unique_by: Sequence[str] | ArgsFunction | None = None,
+        unique_for: float | timedelta | None = None,
+        limit_key: str | None = None,
+        depends_on: Sequence[int] | None = None,
+        on_parent_failure: OnParentFailure | None = None,
     ) -> Options:
         """Check every option; raise InvalidJobError (or InvalidNameError) on the first bad one."""
         if queue is not None:
@@ -103,6 +195,10 @@ class Options:
             raise InvalidJobError(
                 f"on_duplicate must be 'existing' or 'none', not {on_duplicate!r}"
             )
+        if unique is not None and not isinstance(unique, bool):
+            raise InvalidJobError(f"unique must be True or False, not {unique!r}")
+        if limit_key is not None:
+            check_limit_key(limit_key)
         return cls(
             queue=queue,
             priority=priority,
@@ -112,6 +208,15 @@ class Options:
             unique_key=unique_key,
             meta=to_json(meta, "job metadata") if meta else "{}",
             on_duplicate=on_duplicate,
+            unique=unique,
+            unique_by=None if unique_by is None else check_key_source(unique_by, "unique_by"),
+            unique_for=None if unique_for is None else check_period(unique_for, "unique_for"),
+            limit_key=limit_key,
+            depends_on=None if depends_on is None else check_parents(depends_on),
+            on_parent_failure=(
+                None if on_parent_failure is None else check_on_parent_failure(on_parent_failure)
+            ),
+            plain=unique is None and unique_by is None and unique_for is None and limit_key is None,
         )
 
 
@@ -158,6 +263,170 @@ def check_unique_key(key: object) -> str:
     return key
 
 
+def check_limit_key(key: object) -> str:
+    """``key`` if it is a non-empty string of at most LIMIT_KEY_MAX_BYTES bytes of UTF-8."""
+    if not isinstance(key, str) or not key:
+        raise InvalidJobError(f"limit_key must be a non-empty string, not {key!r}")
+    if "\x00" in key:
+        raise InvalidJobError("limit_key contains a NUL character, which text cannot store")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidJobError("limit_key contains a lone surrogate, not valid Unicode") from None
+    if size > LIMIT_KEY_MAX_BYTES:
+        raise InvalidJobError(
+            f"limit_key must be at most {LIMIT_KEY_MAX_BYTES} bytes of UTF-8, not {size}"
+        )
+    return key
+
+
+def check_key_source(source: object, option: str) -> KeySource:
+    """Argument names (a non-empty sequence of strings) or a function of the arguments."""
+    if callable(source):
+        return source
+    if isinstance(source, str):
+        return (source,)  # one name: a common slip for ("name",)
+    if (
+        isinstance(source, Sequence)
+        and source
+        and all(isinstance(name, str) and name for name in source)
+    ):
+        return tuple(dict.fromkeys(source))
+    raise InvalidJobError(
+        f"{option} must be argument names (e.g. ('user_id', 'course_id')) or a function of "
+        f"the arguments, not {source!r}"
+    )
+
+
+def check_period(period: object, option: str) -> float:
+    """A positive period, in seconds, from seconds or a timedelta."""
+    seconds = period.total_seconds() if isinstance(period, timedelta) else period
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not math.isfinite(seconds)
+        or not 0 < seconds <= MAX_DELAY.total_seconds()
+    ):
+        raise InvalidJobError(
+            f"{option} must be a positive number of seconds or timedelta (at most "
+            f"{MAX_DELAY.days} days), not {period!r}"
+        )
+    return float(seconds)
+
+
+def check_parents(parents: object) -> tuple[int, ...] | None:
+    """Parent job ids, without repeats, in the order given; None for none."""
+    if isinstance(parents, str | bytes) or not isinstance(parents, Sequence | set | frozenset):
+        raise InvalidJobError(f"depends_on must be a list of job ids, not {parents!r}")
+    ids: dict[int, None] = {}
+    for parent in parents:
+        if isinstance(parent, bool) or not isinstance(parent, int):
+            raise InvalidJobError(f"depends_on must hold job ids (positive ints), not {parent!r}")
+        if not 1 <= parent <= _BIGINT_MAX:
+            raise InvalidJobError(f"depends_on must hold job ids (positive ints), not {parent!r}")
+        ids[int(parent)] = None
+    if len(ids) > MAX_PARENTS:
+        raise InvalidJobError(f"a job can depend on at most {MAX_PARENTS} jobs, not {len(ids)}")
+    return tuple(ids) or None
+
+
+def check_on_parent_failure(policy: object) -> OnParentFailure:
+    """'dead', 'cancel' or 'run'."""
+    if policy not in ON_PARENT_FAILURE:
+        raise InvalidJobError(
+            f"on_parent_failure must be 'dead', 'cancel' or 'run', not {policy!r}"
+        )
+    return policy  # type: ignore[return-value]
+
+
+def canonical_json(value: Any, what: str) -> str:
+    """``value`` as canonical JSON: sorted keys, no whitespace, UTF-8 characters as is."""
+    try:
+        return json.dumps(
+            value, sort_keys=True, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+        )
+    except (TypeError, ValueError) as exc:
+        raise PayloadError(f"{what} must be JSON-serialisable: {exc}") from None
+
+
+def derive_unique_key(
+    task: str, args: dict[str, Any], by: KeySource | None, defaults: Mapping[str, Any]
+) -> str:
+    """``task:sha256(canonical JSON of the chosen arguments)``; see the module docstring."""
+    if callable(by):
+        chosen: Any = by(args)
+    elif by is None:
+        chosen = {**defaults, **args}
+    else:
+        chosen = {name: args[name] if name in args else defaults.get(name) for name in by}
+    text = canonical_json(chosen, "the arguments a unique key is derived from")
+    try:
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    except UnicodeEncodeError:
+        raise PayloadError("unique key arguments contain a lone surrogate") from None
+    return f"{task}:{digest}"
+
+
+def in_period(key: str, period: float, now: float) -> tuple[str, datetime]:
+    """``key`` for the period bucket ``now`` falls in, and the end of that bucket."""
+    bucket = math.floor(now / period)
+    until = datetime.fromtimestamp((bucket + 1) * period, tz=UTC)
+    return check_unique_key(f"{key}@{period:g}s:{bucket}"), until
+
+
+def resolve_unique(
+    task: str,
+    args: dict[str, Any],
+    options: Options,
+    rule: UniqueRule | None,
+    defaults: Mapping[str, Any],
+    now: float,
+) -> tuple[str | None, datetime | None]:
+    """The job's (unique_key, unique_until). Precedence: the call's ``unique_key``, its
+    ``unique=False``, its ``unique_by``, then the task's rule (also when the call says
+    ``unique=True`` or ``unique_for`` without one: every argument). A period comes from the
+    call's ``unique_for``, else the task's."""
+    if options.unique_key is not None:
+        key = options.unique_key
+    elif options.unique is False:
+        return None, None
+    elif options.unique_by is not None:
+        key = derive_unique_key(task, args, options.unique_by, defaults)
+    elif rule is not None or options.unique or options.unique_for is not None:
+        key = derive_unique_key(task, args, rule.by if rule else None, defaults)
+    else:
+        return None, None
+    period = options.unique_for if options.unique_for is not None else (rule and rule.period)
+    if not period:
+        return key, None
+    return in_period(key, period, now)
+
+
+def resolve_limit_key(
+    args: dict[str, Any], options: Options, limit_by: KeySource | None, defaults: Mapping[str, Any]
+) -> str | None:
+    """The job's limit key: the call's ``limit_key``, else derived by the task's ``limit_by``
+    (one argument: its value, as is when a string, else as JSON; several: a JSON array of
+    their values; a function: the string it returns, or None for no key)."""
+    if options.limit_key is not None or limit_by is None:
+        return options.limit_key
+    if callable(limit_by):
+        value = limit_by(args)
+        return None if value is None else check_limit_key(value)
+    values = [args[name] if name in args else defaults.get(name) for name in limit_by]
+    if len(values) == 1:
+        value = values[0]
+        text = value if isinstance(value, str) else canonical_json(value, "limit_by arguments")
+    else:
+        text = canonical_json(values, "limit_by arguments")
+    return check_limit_key(text)
+
+
+def now() -> float:
+    """The clock unique periods are bucketed by (seconds since the epoch)."""
+    return time.time()
+
+
 def _seconds(delay: float | timedelta | None) -> float:
     if delay is None:
         return 0.0
@@ -191,17 +460,40 @@ def to_json(value: Any, what: str) -> str:
 
 
 def make_spec(
-    task: str, args: dict[str, Any], options: Options, defaults: dict[str, Any]
+    task: str,
+    args: dict[str, Any],
+    options: Options,
+    defaults: dict[str, Any],
+    unique: tuple[str | None, datetime | None] | None = None,
+    limit_key: str | None = None,
 ) -> JobSpec:
     """A JobSpec from validated options, falling back to the task's ``defaults``.
 
     ``task`` is already validated (at registration, or by the enqueue-by-name path): this
-    runs once per job of a bulk enqueue, so it checks only what differs per job.
+    runs once per job of a bulk enqueue, so it checks only what differs per job. ``unique``
+    is the resolved (key, until) when the caller derived one; ``limit_key`` likewise.
     """
     if not isinstance(args, dict):
         raise InvalidJobError(f"job arguments must be a dict, not {type(args).__name__}")
     if not all(isinstance(key, str) for key in args):
         raise PayloadError("job argument names must be strings")
+    if unique is None and limit_key is None and options.depends_on is None:
+        # The common case, kept lean: this runs once per job of a bulk enqueue.
+        return JobSpec(
+            task,
+            to_json(args, "job arguments"),
+            options.queue or defaults["queue"],
+            options.priority if options.priority is not None else defaults["priority"],
+            options.max_attempts or defaults["max_attempts"],
+            options.run_at,
+            options.delay,
+            options.unique_key,
+            options.meta,
+            None,
+            options.limit_key,
+        )
+    key, until = unique if unique is not None else (options.unique_key, None)
+    parents = options.depends_on
     return JobSpec(
         task=task,
         args=to_json(args, "job arguments"),
@@ -210,13 +502,23 @@ def make_spec(
         max_attempts=options.max_attempts or defaults["max_attempts"],
         run_at=options.run_at,
         delay=options.delay,
-        unique_key=options.unique_key,
+        unique_key=key,
         meta=options.meta,
+        unique_until=until,
+        limit_key=limit_key if limit_key is not None else options.limit_key,
+        depends_on=parents,
+        on_parent_failure=(
+            (options.on_parent_failure or defaults.get("on_parent_failure") or "dead")
+            if parents
+            else None
+        ),
     )
 
 
-def _params(specs: Sequence[JobSpec], common: dict[str, Any]) -> dict[str, Any]:
-    return {
+def _params(
+    specs: Sequence[JobSpec], common: dict[str, Any], parents: bool = False
+) -> dict[str, Any]:
+    params = {
         "queue": [s.queue for s in specs],
         "task": [s.task for s in specs],
         "args": [s.args for s in specs],
@@ -225,9 +527,23 @@ def _params(specs: Sequence[JobSpec], common: dict[str, Any]) -> dict[str, Any]:
         "run_at": [s.run_at for s in specs],
         "delay": [s.delay for s in specs],
         "unique_key": [s.unique_key for s in specs],
+        # Usually no job of a batch has these: a NULL array (which the statement's unnest
+        # reads as all NULL) costs nothing to send or unpack.
+        "unique_until": _column(specs, "unique_until"),
+        "limit_key": _column(specs, "limit_key"),
         "meta": [s.meta for s in specs],
         **common,
     }
+    if parents:
+        # Parents vary in number per job: one bigint[] literal each, cast per row in SQL.
+        params["depends_on"] = [_array_literal(s.depends_on) for s in specs]
+        params["on_parent_failure"] = [s.on_parent_failure for s in specs]
+    return params
+
+
+def _column(specs: Sequence[JobSpec], field: str) -> list[Any] | None:
+    values = [getattr(s, field) for s in specs]
+    return values if any(v is not None for v in values) else None
 
 
 def _one_params(spec: JobSpec, common: dict[str, Any]) -> dict[str, Any]:
@@ -240,21 +556,32 @@ def _one_params(spec: JobSpec, common: dict[str, Any]) -> dict[str, Any]:
         "run_at": spec.run_at,
         "delay": spec.delay,
         "unique_key": spec.unique_key,
+        "unique_until": spec.unique_until,
+        "limit_key": spec.limit_key,
         "meta": spec.meta,
         **common,
     }
 
 
-def _match_inserted(
-    specs: Sequence[JobSpec], rows: list[tuple[int, str | None]]
-) -> list[int | None]:
+def _has_parents(specs: Sequence[JobSpec]) -> bool:
+    return any(s.depends_on for s in specs)
+
+
+def _array_literal(ids: tuple[int, ...] | None) -> str | None:
+    return None if not ids else "{" + ",".join(map(str, ids)) + "}"
+
+
+def _match_inserted(specs: Sequence[JobSpec], rows: Sequence[Sequence[Any]]) -> list[JobId | None]:
     """Line returned (id, unique_key) rows up with the input: rows come back in input order,
-    and an input is missing only when its unique key was already taken."""
-    ids: list[int | None] = []
+    and an input is missing only when its unique key was already taken. A row with a NULL
+    id (insert_dependent_jobs) lists parents that do not exist: nothing was written."""
+    if rows and rows[-1][0] is None:
+        raise MissingParentError(rows[-1][2])
+    ids: list[JobId | None] = []
     position = 0
     for spec in specs:
         if position < len(rows) and rows[position][1] == spec.unique_key:
-            ids.append(rows[position][0])
+            ids.append(JobId(rows[position][0]))
             position += 1
         else:
             ids.append(None)
@@ -263,7 +590,12 @@ def _match_inserted(
 
 @dataclass
 class Writer:
-    """Writes JobSpecs for one schema; the sync and async paths share everything but I/O."""
+    """Writes JobSpecs for one schema; the sync and async paths share everything but I/O.
+
+    One job without parents goes through ``insert_job`` (scalar parameters, the common
+    case); several through ``insert_jobs``; any job with parents through
+    ``insert_dependent_jobs``, so jobs without dependencies never pay for them.
+    """
 
     queries: Queries
     channel: str
@@ -281,18 +613,24 @@ class Writer:
             "events_channel": self.events_channel,
         }
 
+    def _batch(self, specs: Sequence[JobSpec]) -> tuple[Any, dict[str, Any]]:
+        """The statement and parameters that insert ``specs``."""
+        if _has_parents(specs):
+            return self.queries.insert_dependent_jobs, _params(specs, self._common(), True)
+        return self.queries.insert_jobs, _params(specs, self._common())
+
     def insert(
         self, conn: psycopg.Connection[Any], specs: Sequence[JobSpec], on_duplicate: OnDuplicate
-    ) -> list[int | None]:
+    ) -> list[JobId | None]:
         """Insert ``specs`` through ``conn``; duplicates resolve per ``on_duplicate``."""
-        if len(specs) == 1:
+        if len(specs) == 1 and not specs[0].depends_on:
             return [self._insert_one(conn, specs[0], on_duplicate)]
         pending = list(range(len(specs)))
-        ids: list[int | None] = [None] * len(specs)
+        ids: list[JobId | None] = [None] * len(specs)
         for _ in range(_UNIQUE_ROUNDS):
             batch = [specs[i] for i in pending]
             with schema_errors(self.queries.schema), conn.cursor() as cur:
-                cur.execute(self.queries.insert_jobs, _params(batch, self._common()))
+                cur.execute(*self._batch(batch))
                 inserted = _match_inserted(batch, cur.fetchall())
                 keys = [s.unique_key for s, i in zip(batch, inserted, strict=True) if i is None]
                 existing = (
@@ -310,17 +648,17 @@ class Writer:
         conn: psycopg.AsyncConnection[Any],
         specs: Sequence[JobSpec],
         on_duplicate: OnDuplicate,
-    ) -> list[int | None]:
+    ) -> list[JobId | None]:
         """The async twin of :meth:`insert`."""
-        if len(specs) == 1:
+        if len(specs) == 1 and not specs[0].depends_on:
             return [await self._insert_one_async(conn, specs[0], on_duplicate)]
         pending = list(range(len(specs)))
-        ids: list[int | None] = [None] * len(specs)
+        ids: list[JobId | None] = [None] * len(specs)
         for _ in range(_UNIQUE_ROUNDS):
             batch = [specs[i] for i in pending]
             with schema_errors(self.queries.schema):
                 async with conn.cursor() as cur:
-                    await cur.execute(self.queries.insert_jobs, _params(batch, self._common()))
+                    await cur.execute(*self._batch(batch))
                     inserted = _match_inserted(batch, await cur.fetchall())
                     keys = [s.unique_key for s, i in zip(batch, inserted, strict=True) if i is None]
                     existing = {}
@@ -334,25 +672,25 @@ class Writer:
 
     def _insert_one(
         self, conn: psycopg.Connection[Any], spec: JobSpec, on_duplicate: OnDuplicate
-    ) -> int | None:
+    ) -> JobId | None:
         """One job through ``insert_job`` (scalar parameters); the same rules as insert."""
         params = _one_params(spec, self._common())
         for _ in range(_UNIQUE_ROUNDS):
             with schema_errors(self.queries.schema):
                 row = conn.execute(self.queries.insert_job, params).fetchone()
                 if row is not None:
-                    return int(row[0])
+                    return JobId(row[0])
                 found = conn.execute(
                     self.queries.find_live_unique, {"keys": [spec.unique_key]}
                 ).fetchone()
             if found is not None:
-                return int(found[1]) if on_duplicate == "existing" else None
+                return JobId.existing(found[1]) if on_duplicate == "existing" else None
             # The live duplicate finished in between: insert again.
         raise InvalidJobError("unique keys kept changing hands during enqueue; try again")
 
     async def _insert_one_async(
         self, conn: psycopg.AsyncConnection[Any], spec: JobSpec, on_duplicate: OnDuplicate
-    ) -> int | None:
+    ) -> JobId | None:
         """The async twin of :meth:`_insert_one`."""
         params = _one_params(spec, self._common())
         for _ in range(_UNIQUE_ROUNDS):
@@ -360,20 +698,20 @@ class Writer:
                 cur = await conn.execute(self.queries.insert_job, params)
                 row = await cur.fetchone()
                 if row is not None:
-                    return int(row[0])
+                    return JobId(row[0])
                 cur = await conn.execute(self.queries.find_live_unique, {"keys": [spec.unique_key]})
                 found = await cur.fetchone()
             if found is not None:
-                return int(found[1]) if on_duplicate == "existing" else None
+                return JobId.existing(found[1]) if on_duplicate == "existing" else None
         raise InvalidJobError("unique keys kept changing hands during enqueue; try again")
 
     @staticmethod
     def _resolve(
         specs: Sequence[JobSpec],
         pending: list[int],
-        inserted: list[int | None],
+        inserted: list[JobId | None],
         existing: dict[str, int],
-        ids: list[int | None],
+        ids: list[JobId | None],
         on_duplicate: OnDuplicate,
     ) -> list[int]:
         """Fill ``ids``; return the positions whose live duplicate vanished (to insert again).
@@ -388,7 +726,9 @@ class Writer:
             key = specs[position].unique_key
             assert key is not None
             if key in existing:
-                ids[position] = existing[key] if on_duplicate == "existing" else None
+                ids[position] = (
+                    JobId.existing(existing[key]) if on_duplicate == "existing" else None
+                )
             else:
                 again.append(position)
         return again

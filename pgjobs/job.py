@@ -61,6 +61,18 @@ class Job:
     progress: Any = None
     unique_key: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    unique_until: datetime | None = None
+    """Set when the unique key is held for a period: the key is held until then."""
+    limit_key: str | None = None
+    """The partition of the queue's limits this job counts against."""
+    depends_on: list[int] | None = None
+    """The jobs this one waits for, as enqueued."""
+    waiting_for: list[int] | None = None
+    """Those of them it still waits for (``pending`` while not empty)."""
+    dependents: list[int] | None = None
+    """The jobs that were enqueued waiting for this one."""
+    on_parent_failure: str | None = None
+    """What a failed or cancelled parent does to this job: dead, cancel or run."""
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Job:

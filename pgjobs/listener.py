@@ -36,7 +36,8 @@ APPLICATION_NAME = "pgjobs-listener"
 
 class Listener:
     """LISTEN on ``channel`` and call ``on_jobs(queue, n)`` for the served ``queues``;
-    ``on_connect()`` after each successful (re)connect."""
+    ``on_connect()`` after each successful (re)connect. With a ``control_channel``, also
+    call ``on_cancel(job_ids)`` for the jobs an operator cancelled while they ran."""
 
     def __init__(
         self,
@@ -49,6 +50,8 @@ class Listener:
         health_interval: float = 10.0,
         health_timeout: float = 5.0,
         max_backoff: float = 5.0,
+        control_channel: str | None = None,
+        on_cancel: Callable[[list[int]], None] | None = None,
     ) -> None:
         self.url = url
         self.channel = channel
@@ -58,6 +61,8 @@ class Listener:
         self.health_interval = health_interval
         self.health_timeout = health_timeout
         self.max_backoff = max_backoff
+        self.control_channel = control_channel
+        self.on_cancel = on_cancel
         self.backend_pid: int | None = None
         self.connects = 0
         self.connected = asyncio.Event()
@@ -89,6 +94,8 @@ class Listener:
 
     async def _serve(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+        if self.control_channel is not None:
+            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.control_channel)))
         self.backend_pid = conn.info.backend_pid
         self.connects += 1
         again = "listening again" if self.connects > 1 else "listening"
@@ -98,7 +105,10 @@ class Listener:
         self.on_connect()  # LISTEN is in place: now poll, so nothing slips between the two
         while True:
             async for notify in conn.notifies(timeout=self.health_interval):
-                self._dispatch(notify.payload)
+                if notify.channel == self.channel:
+                    self._dispatch(notify.payload)
+                else:
+                    self._dispatch_control(notify.payload)
             # Quiet for a while: prove the connection is alive (a half-open TCP stream
             # raises nothing by itself).
             await asyncio.wait_for(conn.execute("SELECT 1"), self.health_timeout)
@@ -114,6 +124,15 @@ class Listener:
             return
         if queue in self.queues:
             self.on_jobs(queue, max(jobs, 1))
+
+    def _dispatch_control(self, payload: str) -> None:
+        try:
+            ids = [int(i) for i in json.loads(payload)["cancel"]]
+        except (ValueError, TypeError, KeyError):
+            log.warning("ignored a malformed control message: %.200s", payload)
+            return
+        if self.on_cancel is not None and ids:
+            self.on_cancel(ids)
 
 
 async def _close_quietly(conn: psycopg.AsyncConnection[Any]) -> None:

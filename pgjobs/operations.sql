@@ -28,13 +28,16 @@ LIMIT %(limit)s;
 
 
 -- name: cancel_job
--- Cancel one job that is not running (scheduled, available, retryable, pending): it
--- becomes `cancelled` with an error entry naming the operator action. The row is locked
--- first, so a worker claiming it at the same moment either wins (the job is running and
--- is left alone) or waits and then skips it. Returns the state the job was in, and
--- whether it was cancelled; no row: no such job.
+-- Cancel one job that has not finished: it becomes `cancelled` with an error entry naming
+-- the operator action. A running job's lease is revoked in the same update, so whatever
+-- its worker writes afterwards changes nothing (fencing), and that worker is told on the
+-- control channel to stop the job (it also finds out by itself within a poll interval:
+-- it checks its leases). The row is locked first, so a worker claiming or finishing it
+-- at the same moment either goes first (and this sees its result) or waits and then
+-- finds the job cancelled. Returns the state the job was in, and whether it was
+-- cancelled; no row: no such job.
 WITH target AS MATERIALIZED (
-    SELECT id, state
+    SELECT id, state, worker
     FROM {schema}.jobs
     WHERE id = %(id)s
     FOR NO KEY UPDATE
@@ -43,22 +46,37 @@ cancelled AS (
     UPDATE {schema}.jobs AS j
     SET state = 'cancelled',
         finished_at = now(),
+        lease_token = NULL,
         errors = j.errors || jsonb_build_array(jsonb_build_object(
             'attempt', j.attempts,
             'at', now(),
             'type', 'Cancelled',
             'message', %(message)s::text,
             'traceback', NULL,
-            'worker', NULL,
+            'worker', CASE WHEN target.state = 'running' THEN j.worker END,
             'operator', %(operator)s::text))
     FROM target
     WHERE j.id = target.id
-      AND j.state IN ('scheduled', 'available', 'retryable', 'pending')
-    RETURNING j.id
+      AND j.state IN ('scheduled', 'available', 'retryable', 'pending', 'running')
+    RETURNING j.id, j.queue, j.task, j.attempts, j.worker, target.state AS previous
+),
+told AS (
+    SELECT count(pg_notify(%(control_channel)s,
+                           json_build_object('cancel', json_build_array(c.id),
+                                             'worker', c.worker)::text)) AS n
+    FROM cancelled AS c
+    WHERE c.previous = 'running'
+),
+published AS (
+    SELECT count({schema}.publish_events(%(events_channel)s, e.events)) AS n
+    FROM (SELECT json_agg(json_build_array(c.id, c.queue, c.task, 'cancelled', c.attempts))
+                 AS events
+          FROM cancelled AS c
+          HAVING count(*) > 0) AS e
 )
 SELECT target.state::text AS previous_state,
        EXISTS (SELECT 1 FROM cancelled) AS cancelled
-FROM target;
+FROM target CROSS JOIN told CROSS JOIN published;
 
 
 -- name: job_states
@@ -179,12 +197,15 @@ SELECT pg_try_advisory_xact_lock(hashtext(%(key)s));
 -- `older_than` seconds ago; the caller repeats until fewer come back. finished_at is
 -- set exactly for final states (CHECK jobs_finished_iff_final), so this can never reach a
 -- live job. SKIP LOCKED: a row an operator is retrying right now is left for next time.
+-- A job whose unique key is held for a period (unique_until) is kept until the period
+-- ends: deleting it would free the key early and let a duplicate in.
 WITH doomed AS MATERIALIZED (
     SELECT id
     FROM {schema}.jobs
     WHERE state = %(state)s::text::{schema}.job_state
       AND state IN ('succeeded', 'dead', 'cancelled')
       AND finished_at < now() - make_interval(secs => %(older_than)s::float8)
+      AND (unique_until IS NULL OR unique_until <= now())
     ORDER BY id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -230,6 +251,20 @@ SET paused = excluded.paused,
 RETURNING name, paused, paused_at, dead_alert_threshold;
 
 
+-- name: set_queue_limits
+-- Set a queue's global limits (NULL: no such limit), creating its row on first use.
+-- Workers read them at every limited claim (see claim_limited in queries.sql).
+INSERT INTO {schema}.queues AS q (name, concurrency_limit, rate_limit, rate_period,
+                                  limit_per_key)
+VALUES (%(name)s, %(concurrency_limit)s, %(rate_limit)s, %(rate_period)s, %(limit_per_key)s)
+ON CONFLICT (name) DO UPDATE
+SET concurrency_limit = excluded.concurrency_limit,
+    rate_limit = excluded.rate_limit,
+    rate_period = excluded.rate_period,
+    limit_per_key = excluded.limit_per_key
+RETURNING name, paused, concurrency_limit, rate_limit, rate_period, limit_per_key;
+
+
 -- name: wake_queue
 -- After a resume: tell idle workers the queue has work (they would otherwise find it at
 -- their next fallback poll). The same payload and notification-queue guard as enqueue.
@@ -243,6 +278,8 @@ WHERE n > 0 AND pg_notification_queue_usage() < %(notify_queue_limit)s;
 -- name: list_queues
 -- Every queue that has jobs or settings, with its settings and depth.
 SELECT s.queue AS name, s.paused, q.paused_at, q.dead_alert_threshold,
+       q.concurrency_limit, q.rate_limit, q.rate_period, coalesce(q.limit_per_key, false)
+           AS limit_per_key,
        s.scheduled + s.available + s.retryable + s.pending AS waiting,
        s.running, s.dead
 FROM {schema}.queue_stats AS s

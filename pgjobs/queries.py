@@ -16,7 +16,7 @@ from psycopg import sql
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 
-SQL_FILES = ("queries.sql", "operations.sql")
+SQL_FILES = ("queries.sql", "operations.sql", "dashboard.sql")
 
 
 @cache

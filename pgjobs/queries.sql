@@ -15,22 +15,25 @@
 -- queue is queued for delivery at the caller's commit.
 -- The notification is skipped when the server's notification queue is filling up, so an
 -- application's commit can never fail because of it; workers then find the job by polling.
+-- unique_until (a key held for a period, in every state) and limit_key are NULL unless
+-- asked for. Jobs with dependencies go through insert_dependent_jobs instead.
 WITH input AS (
     SELECT r.ord, r.queue, r.task, r.args::jsonb AS args, r.priority, r.max_attempts,
            coalesce(r.run_at, now() + make_interval(secs => r.delay)) AS run_at,
-           r.unique_key, r.meta::jsonb AS meta
+           r.unique_key, r.unique_until, r.limit_key, r.meta::jsonb AS meta
     FROM unnest(%(queue)b::text[], %(task)b::text[], %(args)b::text[], %(priority)b::int2[],
                 %(max_attempts)b::int4[], %(run_at)b::timestamptz[], %(delay)b::float8[],
-                %(unique_key)b::text[], %(meta)b::text[])
+                %(unique_key)b::text[], %(unique_until)b::timestamptz[],
+                %(limit_key)b::text[], %(meta)b::text[])
          WITH ORDINALITY AS r(queue, task, args, priority, max_attempts, run_at, delay,
-                              unique_key, meta, ord)
+                              unique_key, unique_until, limit_key, meta, ord)
 ),
 inserted AS (
     INSERT INTO {schema}.jobs (queue, task, args, state, priority, max_attempts, run_at,
-                               unique_key, meta)
+                               unique_key, unique_until, limit_key, meta)
     SELECT queue, task, args,
            CASE WHEN run_at > now() THEN 'scheduled' ELSE 'available' END::{schema}.job_state,
-           priority, max_attempts, run_at, unique_key, meta
+           priority, max_attempts, run_at, unique_key, unique_until, limit_key, meta
     FROM input
     ORDER BY ord
     ON CONFLICT (unique_key)
@@ -68,11 +71,11 @@ ORDER BY inserted.id;
 -- runnable now, unless the notification queue is filling up.
 WITH inserted AS (
     INSERT INTO {schema}.jobs (queue, task, args, state, priority, max_attempts, run_at,
-                               unique_key, meta)
+                               unique_key, unique_until, limit_key, meta)
     SELECT %(queue)s::text, %(task)s::text, %(args)s::jsonb,
            CASE WHEN r.run_at > now() THEN 'scheduled' ELSE 'available' END::{schema}.job_state,
            %(priority)s::int2, %(max_attempts)s::int4, r.run_at, %(unique_key)s::text,
-           %(meta)s::jsonb
+           %(unique_until)s::timestamptz, %(limit_key)s::text, %(meta)s::jsonb
     FROM (SELECT coalesce(%(run_at)s::timestamptz,
                           now() + make_interval(secs => %(delay)s::float8)) AS run_at) AS r
     ON CONFLICT (unique_key)
@@ -102,6 +105,133 @@ SELECT inserted.id
 FROM inserted CROSS JOIN notified CROSS JOIN published;
 
 
+-- name: insert_dependent_jobs
+-- insert_jobs for jobs that depend on others (depends_on: a bigint[] literal per job, NULL
+-- for a job without parents). Race-free under READ COMMITTED:
+-- * The parents are locked first, in id order (two enqueues sharing parents cannot
+--   deadlock), and FOR NO KEY UPDATE returns each parent's newest version: a parent that a
+--   worker finished while this waited for its lock is seen finished.
+-- * A child waits (`pending`, waiting_for) for the parents not finished yet; it is runnable
+--   at once when all of them succeeded, and dead or cancelled at once (per its
+--   on_parent_failure, with an error entry naming the parent) when one already failed;
+--   with 'run' it waits only for the parents not final.
+-- * Each parent a new child waits for gets the child's id appended to its `dependents` in
+--   this statement, while its lock is held. A worker finishing that parent reads
+--   `dependents` from its own UPDATE ... RETURNING, which re-reads the newest version once
+--   this transaction commits: the child is settled whichever commits first.
+-- A parent id that does not exist (or is not visible yet: its enqueue has not committed)
+-- writes nothing at all and comes back in `missing` (one extra row with a NULL id), so
+-- the caller gets an error and its transaction stays usable.
+WITH input AS (
+    SELECT r.ord, r.queue, r.task, r.args::jsonb AS args, r.priority, r.max_attempts,
+           coalesce(r.run_at, now() + make_interval(secs => r.delay)) AS run_at,
+           r.unique_key, r.unique_until, r.limit_key, r.meta::jsonb AS meta,
+           r.depends_on::bigint[] AS depends_on, r.on_parent_failure
+    FROM unnest(%(queue)b::text[], %(task)b::text[], %(args)b::text[], %(priority)b::int2[],
+                %(max_attempts)b::int4[], %(run_at)b::timestamptz[], %(delay)b::float8[],
+                %(unique_key)b::text[], %(unique_until)b::timestamptz[],
+                %(limit_key)b::text[], %(meta)b::text[], %(depends_on)b::text[],
+                %(on_parent_failure)b::text[])
+         WITH ORDINALITY AS r(queue, task, args, priority, max_attempts, run_at, delay,
+                              unique_key, unique_until, limit_key, meta, depends_on,
+                              on_parent_failure, ord)
+),
+parents AS MATERIALIZED (
+    SELECT j.id, j.state::text AS state
+    FROM {schema}.jobs AS j
+    WHERE j.id IN (SELECT unnest(i.depends_on) FROM input AS i)
+    ORDER BY j.id
+    FOR NO KEY UPDATE OF j
+),
+missing AS MATERIALIZED (
+    SELECT ARRAY(SELECT DISTINCT p.id
+                 FROM input AS i CROSS JOIN LATERAL unnest(i.depends_on) AS p(id)
+                 WHERE p.id NOT IN (SELECT id FROM parents)
+                 ORDER BY p.id) AS ids
+),
+planned AS (
+    SELECT i.*,
+           ARRAY(SELECT p.id FROM parents AS p
+                 WHERE p.id = ANY (i.depends_on)
+                   AND p.state NOT IN ('succeeded', 'dead', 'cancelled')
+                 ORDER BY p.id) AS waiting_for,
+           f.id AS failed_parent, f.state AS failed_state
+    FROM input AS i
+    LEFT JOIN LATERAL (
+        SELECT p.id, p.state
+        FROM parents AS p
+        WHERE p.id = ANY (i.depends_on) AND p.state IN ('dead', 'cancelled')
+          AND i.on_parent_failure <> 'run'
+        ORDER BY p.id
+        LIMIT 1
+    ) AS f ON true
+),
+inserted AS (
+    INSERT INTO {schema}.jobs (queue, task, args, state, priority, max_attempts, run_at,
+                               unique_key, unique_until, limit_key, meta, depends_on,
+                               waiting_for, on_parent_failure, finished_at, errors)
+    SELECT queue, task, args,
+           CASE WHEN failed_parent IS NOT NULL
+                    THEN CASE WHEN on_parent_failure = 'cancel' THEN 'cancelled' ELSE 'dead' END
+                WHEN cardinality(waiting_for) > 0 THEN 'pending'
+                WHEN run_at > now() THEN 'scheduled'
+                ELSE 'available' END::{schema}.job_state,
+           priority, max_attempts, run_at, unique_key, unique_until, limit_key, meta,
+           depends_on,
+           CASE WHEN depends_on IS NOT NULL THEN waiting_for END,
+           CASE WHEN depends_on IS NOT NULL THEN on_parent_failure END,
+           CASE WHEN failed_parent IS NOT NULL THEN now() END,
+           CASE WHEN failed_parent IS NULL THEN '[]'::jsonb
+                ELSE jsonb_build_array(jsonb_build_object(
+                    'attempt', 0,
+                    'at', now(),
+                    'type', 'ParentFailed',
+                    'message', 'parent job ' || failed_parent || ' ended ' || failed_state,
+                    'parent', failed_parent,
+                    'parent_state', failed_state,
+                    'traceback', NULL,
+                    'worker', NULL)) END
+    FROM planned
+    WHERE (SELECT cardinality(ids) FROM missing) = 0
+    ORDER BY ord
+    ON CONFLICT (unique_key)
+        WHERE unique_key IS NOT NULL
+          AND (state IN ('scheduled', 'available', 'running', 'retryable', 'pending')
+               OR unique_until IS NOT NULL)
+        DO NOTHING
+    RETURNING id, queue, task, state, unique_key, waiting_for
+),
+linked AS (
+    -- Only the parents a child waits for need to know it: the others have finished.
+    UPDATE {schema}.jobs AS j
+    SET dependents = coalesce(j.dependents, '{{}}') || l.children
+    FROM (SELECT w.parent, array_agg(i.id ORDER BY i.id) AS children
+          FROM inserted AS i
+          CROSS JOIN LATERAL unnest(i.waiting_for) AS w(parent)
+          GROUP BY w.parent) AS l
+    WHERE j.id = l.parent
+),
+notified AS (
+    SELECT count(pg_notify(%(channel)s, json_build_object('queue', queue, 'jobs', jobs)::text))
+    FROM (SELECT queue, count(*) AS jobs FROM inserted
+          WHERE state = 'available' GROUP BY queue) AS per_queue
+    WHERE %(notify)s AND pg_notification_queue_usage() < %(notify_queue_limit)s
+),
+published AS (
+    SELECT count({schema}.publish_events(%(events_channel)s, e.events))
+    FROM (SELECT json_agg(json_build_array(i.id, i.queue, i.task, 'enqueued', 0)
+                          ORDER BY i.id) AS events
+          FROM inserted AS i
+          HAVING count(*) > 0) AS e
+    WHERE %(events)s
+)
+SELECT inserted.id, inserted.unique_key, NULL::bigint[] AS missing
+FROM inserted CROSS JOIN notified CROSS JOIN published
+UNION ALL
+SELECT NULL, NULL, m.ids FROM missing AS m WHERE cardinality(m.ids) > 0
+ORDER BY 1;
+
+
 -- name: find_live_unique
 -- The live job holding each unique key (the one a duplicate enqueue resolves to).
 SELECT unique_key, id
@@ -113,9 +243,19 @@ WHERE unique_key = ANY(%(keys)b::text[])
 
 -- name: get_job
 SELECT id, queue, task, args, state, priority, attempts, max_attempts, run_at, created_at,
-       started_at, finished_at, worker, lease_token, errors, result, progress, unique_key, meta
+       started_at, finished_at, worker, lease_token, errors, result, progress, unique_key, meta,
+       unique_until, limit_key, depends_on, waiting_for, dependents, on_parent_failure
 FROM {schema}.jobs
 WHERE id = %(id)s;
+
+
+-- name: parent_results
+-- The parents of a job with their states and results (JobContext.parent_results).
+SELECT p.id, p.state::text AS state, p.result
+FROM {schema}.jobs AS c
+JOIN {schema}.jobs AS p ON p.id = ANY (c.depends_on)
+WHERE c.id = %(id)s
+ORDER BY p.id;
 
 
 -- ===== worker =====
@@ -137,17 +277,21 @@ WHERE id = %(id)s;
 -- so the plan must be right whatever the parameters: the UPDATE reaches the claimed rows
 -- through `id = ANY (ARRAY(...))`, an index lookup on the primary key per id, never a join
 -- the planner might size from a guessed row count.
--- Paused queues are not claimed from, nor waited for. A claim that comes back short also
+-- Paused queues are not claimed from, nor waited for; nor are queues with a concurrency or
+-- rate limit, which only claim_limited claims from. A claim that comes back short also
 -- says when the next waiting job of these queues comes due, so an idle worker needs no second statement for it: one extra row with a NULL id
 -- and, in next_due, the seconds (by the database clock) until the earliest scheduled or
 -- retryable job is runnable (zero or less: due already; NULL: none waits). One index probe
 -- per queue (jobs_waiting_idx); the jobs this statement claims are left out (its snapshot
 -- still shows them waiting).
 WITH served AS MATERIALIZED (
-    -- The requested queues less the paused ones (pgjobs queues pause NAME).
+    -- The requested queues less the paused (pgjobs queues pause NAME) and limited ones.
     SELECT q.name
     FROM unnest(%(queues)b::text[]) AS q(name)
-    WHERE NOT EXISTS (SELECT 1 FROM {schema}.queues AS p WHERE p.name = q.name AND p.paused)
+    WHERE NOT EXISTS (
+        SELECT 1 FROM {schema}.queues AS p
+        WHERE p.name = q.name
+          AND (p.paused OR p.concurrency_limit IS NOT NULL OR p.rate_limit IS NOT NULL))
 ),
 candidates AS MATERIALIZED (
     SELECT c.id
@@ -206,12 +350,186 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
 WHERE (SELECT count(*) FROM claimed) < %(limit)s;
 
 
+-- name: limited_queues
+-- Which of these queues have a concurrency or rate limit (the worker claims from them with
+-- claim_limited; it asks again every poll interval, and claim_jobs never claims from them
+-- whatever the worker believes).
+SELECT name
+FROM {schema}.queues
+WHERE name = ANY(%(queues)b::text[])
+  AND (concurrency_limit IS NOT NULL OR rate_limit IS NOT NULL);
+
+
+-- name: lock_limited_queues
+-- First statement of a limited claim's transaction: lock the rows of the served queues
+-- that have limits, in name order. Claimers of one limited queue take turns from here to
+-- their commit, and claim_limited, the next statement, takes a new snapshot: it counts the
+-- running jobs and recent starts that the previous claimer committed. (In one statement
+-- the count would come from a snapshot taken before the lock was granted.)
+SELECT name
+FROM {schema}.queues
+WHERE name = ANY(%(queues)b::text[]) AND NOT paused
+  AND (concurrency_limit IS NOT NULL OR rate_limit IS NOT NULL)
+ORDER BY name
+FOR NO KEY UPDATE;
+
+
+-- name: claim_limited
+-- claim_jobs for queues with limits, run after lock_limited_queues in one transaction.
+-- A queue's limits apply to the whole queue or, with limit_per_key, to each limit_key of
+-- it (a "partition"): at most concurrency_limit running jobs, at most rate_limit starts
+-- within the last rate_period (a sliding window over queue_starts, which records every
+-- start in a rate-limited queue). Jobs over a limit are simply not claimed: they wait.
+-- Full partitions are left out of the scan, at most %(scan)s runnable jobs are read per
+-- queue, each partition takes as many as it has room for, and %(limit)s are claimed in
+-- priority, run_at, id order. A short claim ends with the usual next_due row: the
+-- earliest of the next waiting job of these queues and the moment a full rate window
+-- frees a start.
+-- Times are statement_timestamp(), not now(): the transaction began before it waited for
+-- the queue's lock, and a start must be recorded at the moment it happens.
+WITH limits AS MATERIALIZED (
+    SELECT q.name, q.concurrency_limit, q.rate_limit, q.rate_period, q.limit_per_key
+    FROM {schema}.queues AS q
+    WHERE q.name = ANY(%(queues)b::text[]) AND NOT q.paused
+      AND (q.concurrency_limit IS NOT NULL OR q.rate_limit IS NOT NULL)
+),
+running AS MATERIALIZED (
+    SELECT l.name AS queue, CASE WHEN l.limit_per_key THEN j.limit_key END AS part,
+           count(*) AS n
+    FROM limits AS l
+    JOIN {schema}.jobs AS j ON j.queue = l.name AND j.state = 'running'
+    WHERE l.concurrency_limit IS NOT NULL
+    GROUP BY 1, 2
+),
+started AS MATERIALIZED (
+    SELECT l.name AS queue, CASE WHEN l.limit_per_key THEN s.limit_key END AS part,
+           count(*) AS n, min(s.started_at) AS oldest
+    FROM limits AS l
+    JOIN {schema}.queue_starts AS s
+      ON s.queue = l.name AND s.started_at > statement_timestamp() - l.rate_period
+    WHERE l.rate_limit IS NOT NULL
+    GROUP BY 1, 2
+),
+-- Room left in every partition that has running jobs or recent starts (others have the
+-- whole limit). least() skips NULLs: a missing limit does not bound.
+room AS MATERIALIZED (
+    SELECT p.queue, p.part,
+           least(l.concurrency_limit - coalesce(
+                     (SELECT r.n FROM running AS r
+                      WHERE r.queue = p.queue AND r.part IS NOT DISTINCT FROM p.part), 0),
+                 l.rate_limit - coalesce(
+                     (SELECT s.n FROM started AS s
+                      WHERE s.queue = p.queue AND s.part IS NOT DISTINCT FROM p.part), 0))
+               AS room
+    FROM (SELECT queue, part FROM running UNION SELECT queue, part FROM started) AS p
+    JOIN limits AS l ON l.name = p.queue
+),
+candidates AS MATERIALIZED (
+    SELECT c.id, c.queue, c.part, c.priority, c.run_at
+    FROM limits AS l
+    CROSS JOIN LATERAL (
+        SELECT j.id, j.queue, j.priority, j.run_at,
+               CASE WHEN l.limit_per_key THEN j.limit_key END AS part
+        FROM {schema}.jobs AS j
+        WHERE j.queue = l.name
+          AND j.state IN ('available', 'scheduled', 'retryable')
+          AND j.run_at <= statement_timestamp()
+          AND j.attempts < j.max_attempts
+          AND NOT (l.limit_per_key AND EXISTS (
+              SELECT 1 FROM room AS f
+              WHERE f.queue = l.name AND f.room <= 0
+                AND f.part IS NOT DISTINCT FROM j.limit_key))
+        ORDER BY j.priority, j.run_at, j.id
+        LIMIT %(scan)s
+        FOR NO KEY UPDATE OF j SKIP LOCKED
+    ) AS c
+    -- A queue limited as a whole and full: not scanned at all.
+    WHERE l.limit_per_key
+       OR NOT EXISTS (SELECT 1 FROM room AS f WHERE f.queue = l.name AND f.room <= 0)
+),
+chosen AS MATERIALIZED (
+    SELECT ranked.id
+    FROM (SELECT c.*, row_number() OVER (PARTITION BY c.queue, c.part
+                                         ORDER BY c.priority, c.run_at, c.id) AS rn
+          FROM candidates AS c) AS ranked
+    JOIN limits AS l ON l.name = ranked.queue
+    WHERE ranked.rn <= coalesce(
+        (SELECT f.room FROM room AS f
+         WHERE f.queue = ranked.queue AND f.part IS NOT DISTINCT FROM ranked.part),
+        least(l.concurrency_limit, l.rate_limit))
+    ORDER BY ranked.priority, ranked.run_at, ranked.id
+    LIMIT %(limit)s
+),
+claimed AS (
+    UPDATE {schema}.jobs AS j
+    SET state = 'running',
+        attempts = j.attempts + 1,
+        worker = %(worker)s,
+        lease_token = gen_random_uuid(),
+        started_at = statement_timestamp()
+    WHERE j.id = ANY (ARRAY(SELECT id FROM chosen))
+    RETURNING j.id, j.queue, j.task, j.args, j.priority, j.run_at, j.attempts,
+              j.max_attempts, j.lease_token, j.limit_key
+),
+logged AS (
+    INSERT INTO {schema}.queue_starts (queue, limit_key, started_at)
+    SELECT c.queue, c.limit_key, statement_timestamp()
+    FROM claimed AS c
+    JOIN limits AS l ON l.name = c.queue
+    WHERE l.rate_limit IS NOT NULL
+),
+expired AS (
+    -- Starts that left every window; the claimer holds the queue's lock, so this is cheap
+    -- and keeps queue_starts at about one window of rows.
+    DELETE FROM {schema}.queue_starts AS s
+    USING limits AS l
+    WHERE s.queue = l.name
+      AND (l.rate_period IS NULL OR s.started_at <= statement_timestamp() - l.rate_period)
+),
+notified AS (
+    SELECT count({schema}.publish_events(%(events_channel)s, e.events)) AS n
+    FROM (SELECT json_agg(json_build_array(c.id, c.queue, c.task, 'started', c.attempts))
+                 AS events
+          FROM claimed AS c
+          HAVING count(*) > 0) AS e
+    WHERE %(events)s
+)
+SELECT id, queue, task, args, priority, run_at, attempts, max_attempts, lease_token,
+       NULL::float8 AS next_due
+FROM claimed CROSS JOIN notified
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       extract(epoch FROM least(
+           (SELECT min(w.run_at)
+            FROM limits AS q
+            CROSS JOIN LATERAL (
+                SELECT j.run_at
+                FROM {schema}.jobs AS j
+                WHERE j.queue = q.name AND j.state IN ('scheduled', 'retryable')
+                  AND j.attempts < j.max_attempts
+                  AND j.id NOT IN (SELECT id FROM candidates)
+                ORDER BY j.run_at
+                LIMIT 1
+            ) AS w),
+           (SELECT min(s.oldest + l.rate_period)
+            FROM started AS s
+            JOIN limits AS l ON l.name = s.queue
+            WHERE s.n >= l.rate_limit)) - statement_timestamp())::float8
+WHERE (SELECT count(*) FROM claimed) < %(limit)s;
+
+
 -- name: finish_jobs
 -- Write the outcomes of a batch of attempts in one statement: succeeded (with result),
 -- retryable/scheduled/available (with a delay), dead, cancelled. `refund` gives an attempt
 -- back (snooze, hand-back on shutdown). Rows are locked in id order first, so two batches
 -- over overlapping jobs (a zombie and the job's new holder) cannot deadlock. The worker's
 -- counters are bumped in the same statement.
+-- Dependencies: a job that reached a final state settles the jobs waiting for it
+-- (settle_dependents, migration 0003). Its `dependents` come from the UPDATE's RETURNING:
+-- the newest row version, so a child whose enqueue committed while this statement waited
+-- for the row lock is included (see insert_dependent_jobs). Jobs without dependents skip
+-- the function call entirely. Every row returned carries `released`: how many children
+-- became runnable now (the worker then claims again at once).
 WITH outcome AS (
     SELECT *
     FROM unnest(%(id)b::bigint[], %(lease_token)b::uuid[], %(state)b::text[],
@@ -247,7 +565,18 @@ finished AS (
                    ELSE 'retried' END AS kind,
               -- An attempt that failed (error recorded, job retried or dead); a job
               -- handed back on shutdown or cancelled did not fail.
-              (o.error IS NOT NULL AND o.state IN ('retryable', 'dead')) AS failed
+              (o.error IS NOT NULL AND o.state IN ('retryable', 'dead')) AS failed,
+              j.dependents
+),
+settled AS (
+    -- One call per batch: the children of the whole batch are locked in id order.
+    SELECT CASE WHEN count(*) > 0
+                THEN {schema}.settle_dependents(array_agg(f.id), array_agg(f.state),
+                                                array_agg(d.child))
+                ELSE 0 END AS released
+    FROM finished AS f
+    CROSS JOIN LATERAL unnest(f.dependents) AS d(child)
+    WHERE f.dependents IS NOT NULL AND f.state IN ('succeeded', 'dead', 'cancelled')
 ),
 counted AS (
     UPDATE {schema}.workers
@@ -271,7 +600,7 @@ notified AS (
           HAVING count(*) > 0) AS e
     WHERE %(events)s
 )
-SELECT id FROM finished CROSS JOIN notified;
+SELECT f.id, s.released FROM finished AS f CROSS JOIN notified CROSS JOIN settled AS s;
 
 
 -- name: set_progress
@@ -352,6 +681,7 @@ DELETE FROM {schema}.workers WHERE id = %(id)s;
 -- queue. Expired worker rows are deleted in the same statement. SKIP LOCKED throughout:
 -- live workers running this at the same time split the work instead of waiting on each
 -- other, and a worker heartbeating right now (row locked) is never declared dead.
+-- A job sent to dead settles the jobs waiting for it, as in finish_jobs.
 WITH expired AS MATERIALIZED (
     SELECT w.id
     FROM {schema}.workers AS w
@@ -385,7 +715,16 @@ rescued AS (
             'worker', j.worker))
     FROM orphans
     WHERE j.id = orphans.id AND j.state = 'running'
-    RETURNING j.id, j.state
+    RETURNING j.id, j.state, j.dependents
+),
+settled AS (
+    SELECT CASE WHEN count(*) > 0
+                THEN {schema}.settle_dependents(array_agg(r.id), array_agg(r.state::text),
+                                                array_agg(d.child))
+                ELSE 0 END AS released
+    FROM rescued AS r
+    CROSS JOIN LATERAL unnest(r.dependents) AS d(child)
+    WHERE r.dependents IS NOT NULL AND r.state = 'dead'
 ),
 deleted AS (
     DELETE FROM {schema}.workers AS w
@@ -395,7 +734,8 @@ deleted AS (
 )
 SELECT (SELECT count(*) FROM rescued WHERE state = 'available') AS available,
        (SELECT count(*) FROM rescued WHERE state = 'dead') AS dead,
-       (SELECT count(*) FROM deleted) AS workers;
+       (SELECT count(*) FROM deleted) AS workers
+FROM settled;
 
 
 -- name: events_subscribed
@@ -404,3 +744,85 @@ SELECT (SELECT count(*) FROM rescued WHERE state = 'available') AS available,
 SELECT EXISTS (SELECT 1 FROM pg_stat_activity
               WHERE application_name = %(application_name)s
                 AND datname = current_database());
+
+
+-- ===== periodic =====
+-- Periodic (cron) jobs, written by the scheduler thread of every worker (pgjobs.cron).
+-- One transaction per schedule and slot: periodic_lock, then (when the row is missing)
+-- periodic_ensure and periodic_lock again, then periodic_enqueue, then COMMIT. The row lock
+-- makes the workers take turns; last_slot, advanced in the same transaction as the jobs'
+-- insert, makes each slot enqueued once.
+
+
+-- name: periodic_ensure
+-- The schedule's row, created on first sight; last_slot NULL until a worker holding the
+-- row decides where the schedule starts.
+INSERT INTO {schema}.periodic (name, task, schedule, timezone)
+VALUES (%(name)s, %(task)s, %(schedule)s, %(timezone)s)
+ON CONFLICT (name) DO NOTHING;
+
+
+-- name: periodic_lock
+-- The schedule's row, locked for this transaction; no row when a peer holds it (it is
+-- enqueueing the slot right now) or when it does not exist yet. The database clock, read
+-- after the lock, is the one every worker judges due slots by.
+SELECT task, schedule, timezone, last_slot, clock_timestamp() AS now
+FROM {schema}.periodic
+WHERE name = %(name)s
+FOR UPDATE SKIP LOCKED;
+
+
+-- name: periodic_enqueue
+-- Enqueue the jobs of some slots (possibly none) and advance the schedule's row, in one
+-- statement. Each job has the slot's unique key, held in every state (unique_until), so a
+-- slot that comes round again is skipped; one NOTIFY for the queue is queued unless the
+-- server's notification queue is filling up (as insert_jobs).
+WITH input AS (
+    SELECT s.slot, s.unique_key, s.unique_until, s.meta::jsonb AS meta, s.ord
+    FROM unnest(%(slot)b::timestamptz[], %(unique_key)b::text[],
+                %(unique_until)b::timestamptz[], %(meta)b::text[])
+         WITH ORDINALITY AS s(slot, unique_key, unique_until, meta, ord)
+),
+inserted AS (
+    INSERT INTO {schema}.jobs (queue, task, args, state, priority, max_attempts, run_at,
+                               unique_key, unique_until, meta)
+    SELECT %(queue)s::text, %(task)s::text, %(args)s::jsonb,
+           CASE WHEN i.slot > clock_timestamp() THEN 'scheduled'
+                ELSE 'available' END::{schema}.job_state,
+           %(priority)s::int2, %(max_attempts)s::int4, i.slot, i.unique_key, i.unique_until,
+           i.meta
+    FROM input AS i
+    ORDER BY i.ord
+    ON CONFLICT (unique_key)
+        WHERE unique_key IS NOT NULL
+          AND (state IN ('scheduled', 'available', 'running', 'retryable', 'pending')
+               OR unique_until IS NOT NULL)
+        DO NOTHING
+    RETURNING id, state
+),
+notified AS (
+    SELECT count(pg_notify(%(channel)s, json_build_object('queue', %(queue)s::text,
+                                                          'jobs', n.jobs)::text)) AS sent
+    FROM (SELECT count(*) AS jobs FROM inserted WHERE state = 'available') AS n
+    WHERE n.jobs > 0 AND %(notify)s
+      AND pg_notification_queue_usage() < %(notify_queue_limit)s
+),
+advanced AS (
+    UPDATE {schema}.periodic AS p
+    SET task = %(task)s, schedule = %(schedule)s, timezone = %(timezone)s,
+        last_slot = %(last_slot)s,
+        last_job_id = coalesce((SELECT max(id) FROM inserted), p.last_job_id),
+        updated_at = now()
+    WHERE p.name = %(name)s
+    RETURNING p.name
+)
+SELECT (SELECT count(*) FROM inserted) AS enqueued,
+       (SELECT count(*) FROM advanced) AS advanced
+FROM notified;
+
+
+-- name: periodic_list
+-- The schedules the database knows (pgjobs cron list).
+SELECT name, task, schedule, timezone, last_slot, last_job_id, updated_at
+FROM {schema}.periodic
+ORDER BY name;

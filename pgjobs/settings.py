@@ -71,6 +71,12 @@ def events_channel_for(schema: str) -> str:
     return channel_for(schema) + "_events"
 
 
+def control_channel_for(schema: str) -> str:
+    """The channel on which workers are told to stop a job (a cancelled running job):
+    ``{"cancel": [ids], "worker": id}``."""
+    return channel_for(schema) + "_control"
+
+
 def events_application_name(schema: str) -> str:
     """The application_name an events subscriber connects with: workers look for a session
     with this name and publish events only while one exists."""

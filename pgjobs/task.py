@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
-from pgjobs.enqueue import JobSpec, OnDuplicate, Options, make_spec
-from pgjobs.errors import ConfigurationError, InvalidJobError
+from pgjobs.enqueue import (
+    ArgsFunction,
+    JobId,
+    JobSpec,
+    KeySource,
+    OnDuplicate,
+    OnParentFailure,
+    Options,
+    UniqueRule,
+    canonical_json,
+    check_key_source,
+    check_on_parent_failure,
+    check_period,
+    make_spec,
+    now,
+    resolve_limit_key,
+    resolve_unique,
+)
+from pgjobs.errors import ConfigurationError, InvalidJobError, PgJobsError
+from pgjobs.flow import JobCall
 
 if TYPE_CHECKING:
     from pgjobs.app import App
@@ -29,6 +47,12 @@ ENQUEUE_OPTIONS = frozenset(
         "unique_key",
         "meta",
         "on_duplicate",
+        "unique",
+        "unique_by",
+        "unique_for",
+        "limit_key",
+        "depends_on",
+        "on_parent_failure",
     }
 )
 
@@ -46,10 +70,44 @@ class TaskConfig:
     discard_on: tuple[type[BaseException], ...] = ()
     backoff: Callable[[int], float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    unique: UniqueRule | None = None
+    limit_by: KeySource | None = None
+    on_parent_failure: OnParentFailure = "dead"
 
     def defaults(self) -> dict[str, Any]:
         """The job defaults enqueue falls back to."""
-        return {"queue": self.queue, "priority": self.priority, "max_attempts": self.max_attempts}
+        return {
+            "queue": self.queue,
+            "priority": self.priority,
+            "max_attempts": self.max_attempts,
+            "on_parent_failure": self.on_parent_failure,
+        }
+
+
+def flow_config(
+    *,
+    unique: bool = False,
+    unique_by: Sequence[str] | ArgsFunction | None = None,
+    unique_for: float | timedelta | None = None,
+    limit_by: Sequence[str] | ArgsFunction | None = None,
+    on_parent_failure: OnParentFailure = "dead",
+) -> dict[str, Any]:
+    """The TaskConfig fields of ``@app.task``'s unique, limit and dependency options,
+    validated (ConfigurationError). ``unique_by`` or ``unique_for`` imply ``unique``."""
+    try:
+        rule = None
+        if unique or unique_by is not None or unique_for is not None:
+            rule = UniqueRule(
+                by=None if unique_by is None else check_key_source(unique_by, "unique_by"),
+                period=None if unique_for is None else check_period(unique_for, "unique_for"),
+            )
+        return {
+            "unique": rule,
+            "limit_by": None if limit_by is None else check_key_source(limit_by, "limit_by"),
+            "on_parent_failure": check_on_parent_failure(on_parent_failure),
+        }
+    except InvalidJobError as exc:
+        raise ConfigurationError(str(exc)) from None
 
 
 class Task(Generic[P, R]):
@@ -76,9 +134,44 @@ class Task(Generic[P, R]):
                 f"enqueue options; rename them"
             )
         self._fast_check = _fast_check(self._job_signature)
+        # Parameter defaults: arguments left out count with them in derived keys.
+        self._arg_defaults = {
+            name: p.default
+            for name, p in self._job_signature.parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+        self._check_flow_config()
+        self._plain = config.unique is None and config.limit_by is None
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", config.name)
         self.__wrapped__ = fn
+
+    def _check_flow_config(self) -> None:
+        """Names in unique_by/limit_by must be parameters; defaults they use, JSON."""
+        rule = self.config.unique
+        for option, source in (("unique_by", rule and rule.by), ("limit_by", self.config.limit_by)):
+            if isinstance(source, tuple):
+                try:
+                    self._check_names(source, option)
+                except InvalidJobError as exc:
+                    raise ConfigurationError(str(exc)) from None
+        if rule is not None and not callable(rule.by):
+            used = rule.by or tuple(self._arg_defaults)
+            defaults = {n: self._arg_defaults[n] for n in used if n in self._arg_defaults}
+            try:
+                canonical_json(defaults, f"the defaults of task {self.name!r}")
+            except PgJobsError as exc:
+                raise ConfigurationError(f"{exc}: unique keys are derived from them") from None
+
+    def _check_names(self, names: tuple[str, ...], option: str) -> None:
+        parameters = self._job_signature.parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        unknown = [n for n in names if n not in parameters]
+        if unknown and not takes_any:
+            raise InvalidJobError(
+                f"{option} of task {self.name!r} names {unknown}, which are not its "
+                f"parameters ({', '.join(parameters) or 'none'})"
+            )
 
     @property
     def name(self) -> str:
@@ -123,13 +216,25 @@ class Task(Generic[P, R]):
         unique_key: str | None = None,
         meta: dict[str, Any] | None = None,
         on_duplicate: OnDuplicate = "existing",
+        unique: bool | None = None,
+        unique_by: Sequence[str] | ArgsFunction | None = None,
+        unique_for: float | timedelta | None = None,
+        limit_key: str | None = None,
+        depends_on: Sequence[int] | None = None,
+        on_parent_failure: OnParentFailure | None = None,
         **kwargs: Any,
-    ) -> int | None:
-        """Enqueue one job with ``kwargs`` as the task's arguments; return its id.
+    ) -> JobId | None:
+        """Enqueue one job with ``kwargs`` as the task's arguments; return its id, a
+        :class:`~pgjobs.JobId` (an ``int`` whose ``created`` says whether this call made it).
 
         With ``conn`` the job is written in the caller's transaction and exists once it
-        commits; without it pgjobs commits at once. A ``unique_key`` that a live job holds
-        returns that job's id (or None with ``on_duplicate="none"``).
+        commits; without it pgjobs commits at once. A unique key (``unique_key``, or
+        derived: ``unique=True``, ``unique_by=``; held for ``unique_for``) that a job
+        holds returns that job's id with ``created`` False (or None with
+        ``on_duplicate="none"``). ``limit_key`` names the partition of the queue's limits
+        the job counts against. ``depends_on`` (job ids) keeps the job ``pending`` until
+        those jobs succeed; ``on_parent_failure`` ('dead', 'cancel' or 'run') says what a
+        failed parent does to it.
         """
         options = Options.validate(
             queue=queue,
@@ -140,6 +245,12 @@ class Task(Generic[P, R]):
             unique_key=unique_key,
             meta=meta,
             on_duplicate=on_duplicate,
+            unique=unique,
+            unique_by=unique_by,
+            unique_for=unique_for,
+            limit_key=limit_key,
+            depends_on=depends_on,
+            on_parent_failure=on_parent_failure,
         )
         return self.app._enqueue_specs([self._spec(kwargs, options)], options, conn)[0]
 
@@ -155,8 +266,14 @@ class Task(Generic[P, R]):
         unique_key: str | None = None,
         meta: dict[str, Any] | None = None,
         on_duplicate: OnDuplicate = "existing",
+        unique: bool | None = None,
+        unique_by: Sequence[str] | ArgsFunction | None = None,
+        unique_for: float | timedelta | None = None,
+        limit_key: str | None = None,
+        depends_on: Sequence[int] | None = None,
+        on_parent_failure: OnParentFailure | None = None,
         **kwargs: Any,
-    ) -> int | None:
+    ) -> JobId | None:
         """The async twin of :meth:`enqueue` (``conn`` is an async connection or session)."""
         options = Options.validate(
             queue=queue,
@@ -167,6 +284,12 @@ class Task(Generic[P, R]):
             unique_key=unique_key,
             meta=meta,
             on_duplicate=on_duplicate,
+            unique=unique,
+            unique_by=unique_by,
+            unique_for=unique_for,
+            limit_key=limit_key,
+            depends_on=depends_on,
+            on_parent_failure=on_parent_failure,
         )
         ids = await self.app._enqueue_specs_async([self._spec(kwargs, options)], options, conn)
         return ids[0]
@@ -178,12 +301,14 @@ class Task(Generic[P, R]):
         conn: Any = None,
         unique_key: Callable[[dict[str, Any]], str] | None = None,
         **options: Any,
-    ) -> list[int | None]:
+    ) -> list[JobId | None]:
         """Enqueue one job per dict of arguments with one statement; return their ids in
-        input order. ``options`` (queue, priority, delay, …) apply to every job;
-        ``unique_key``, if given, derives each job's key from its arguments."""
+        input order. ``options`` (queue, priority, delay, depends_on, …) apply to every
+        job; ``unique_key``, if given, derives each job's key from its arguments (as do
+        ``unique``/``unique_by``). Unique periods are bucketed by one clock reading."""
         opts = _batch_options(options, unique_key)
-        specs = [self._spec(args, opts, unique_key) for args in items]
+        clock = now()
+        specs = [self._spec(args, opts, unique_key, clock) for args in items]
         return self.app._enqueue_specs(specs, opts, conn)
 
     async def enqueue_many_async(
@@ -193,23 +318,57 @@ class Task(Generic[P, R]):
         conn: Any = None,
         unique_key: Callable[[dict[str, Any]], str] | None = None,
         **options: Any,
-    ) -> list[int | None]:
+    ) -> list[JobId | None]:
         """The async twin of :meth:`enqueue_many`."""
         opts = _batch_options(options, unique_key)
-        specs = [self._spec(args, opts, unique_key) for args in items]
+        clock = now()
+        specs = [self._spec(args, opts, unique_key, clock) for args in items]
         return await self.app._enqueue_specs_async(specs, opts, conn)
+
+    def job(self, **kwargs: Any) -> JobCall:
+        """A job of this task, not enqueued yet: for :meth:`pgjobs.App.chain` and
+        :meth:`pgjobs.App.fan_in`. Takes the task's arguments and the enqueue options
+        of :meth:`enqueue` (but ``conn``, given to chain/fan_in, and ``on_duplicate``:
+        a duplicate always resolves to the existing job, which the next ones wait for)."""
+        for refused in ("conn", "on_duplicate"):
+            if refused in kwargs:
+                raise InvalidJobError(
+                    f"task.job() takes no {refused!r}: pass conn to app.chain()/app.fan_in()"
+                    if refused == "conn"
+                    else "task.job() jobs resolve a duplicate to the existing job"
+                )
+        options = {k: kwargs.pop(k) for k in ENQUEUE_OPTIONS & kwargs.keys()}
+        validated = Options.validate(**options)
+        self._spec(kwargs, validated)  # every check enqueue makes, now
+        return JobCall(self, kwargs, validated)
 
     def _spec(
         self,
         kwargs: dict[str, Any],
         options: Options,
         unique_key: Callable[[dict[str, Any]], str] | None = None,
+        clock: float | None = None,
     ) -> JobSpec:
         if not isinstance(kwargs, dict):
             raise InvalidJobError(f"job arguments must be a dict, not {type(kwargs).__name__}")
         if unique_key is not None:
             options = options.with_unique_key(unique_key(kwargs))
-        return make_spec(self.name, self.check_args(kwargs), options, self.config.defaults())
+        args = self.check_args(kwargs)
+        if self._plain and options.plain:
+            return make_spec(self.name, args, options, self.config.defaults())
+        if isinstance(options.unique_by, tuple):
+            self._check_names(options.unique_by, "unique_by")
+        defaults = self._arg_defaults
+        unique = resolve_unique(
+            self.name,
+            args,
+            options,
+            self.config.unique,
+            defaults,
+            now() if clock is None else clock,
+        )
+        limit_key = resolve_limit_key(args, options, self.config.limit_by, defaults)
+        return make_spec(self.name, args, options, self.config.defaults(), unique, limit_key)
 
 
 def _batch_options(options: dict[str, Any], unique_key: object = None) -> Options:

@@ -35,8 +35,8 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -45,11 +45,12 @@ from pgjobs.admin import Retention
 from pgjobs.app import App
 from pgjobs.completions import Completions
 from pgjobs.context import JobContext
+from pgjobs.cron import Scheduler
 from pgjobs.errors import ConfigurationError, DatabaseError, SchemaNotReadyError
 from pgjobs.execution import ClaimedJob, Executor, error_entry, handed_back
 from pgjobs.listener import Listener
 from pgjobs.maintenance import DEFAULT_RETENTION, PRUNE_INTERVAL, Maintenance, Registration
-from pgjobs.settings import events_channel_for, validate_queue
+from pgjobs.settings import control_channel_for, events_channel_for, validate_queue
 from pgjobs.worker_db import connect_async
 
 log = logging.getLogger("pgjobs.worker")
@@ -63,6 +64,9 @@ _DUE_FLOOR = 0.005
 # Refilling slots that free up one by one: wait this long for more of them (or for a
 # quarter of the capacity) so that claims come in batches, not one statement per job.
 _REFILL_WINDOW = 0.003
+# A limited claim reads this many runnable jobs beyond what it may claim, so that jobs of
+# partitions that are full do not hide the jobs of others.
+_LIMITED_SCAN_EXTRA = 200
 
 
 @dataclass(eq=False)
@@ -72,6 +76,26 @@ class _Running:
     task: asyncio.Task[None] | None = None
     is_async: bool = False
     handed_back: bool = False
+
+
+@dataclass(eq=False)
+class _Group:
+    """Queues that share slots: the worker's ``concurrency`` pool (plus ``prefetch``), or
+    one queue given slots of its own (``queue_concurrency``, ``--queues name=N``). Each
+    group claims for itself, sized to what it has free."""
+
+    queues: tuple[str, ...]
+    slots: int
+    prefetch: int = 0
+    running: int = 0
+    buffer: deque[ClaimedJob] = field(default_factory=deque)
+    dirty: bool = True
+    more: bool = False
+    refill_since: float | None = None
+
+    @property
+    def free(self) -> int:
+        return self.slots + self.prefetch - self.running - len(self.buffer)
 
 
 @dataclass
@@ -88,8 +112,11 @@ class WorkerStats:
 class Worker:
     """Runs the jobs of ``app`` from ``queues`` (default: the queues of its tasks).
 
-    ``concurrency`` jobs run at once; ``prefetch`` more may be claimed ahead and wait in
-    memory. ``poll_interval`` is the fallback poll; ``heartbeat_interval`` and
+    ``concurrency`` jobs of ``queues`` run at once; ``prefetch`` more may be claimed ahead
+    and wait in memory. ``queue_concurrency`` serves more queues, each with slots of its
+    own (``{"emails": 10, "reports": 2}``). Global limits of a queue (over all workers)
+    are the database's (:meth:`pgjobs.App.limit_queue`). ``poll_interval`` is the fallback
+    poll; ``heartbeat_interval`` and
     ``heartbeat_timeout`` govern crash detection (a worker silent for ``heartbeat_timeout``
     seconds is dead and its jobs are rescued); ``grace`` is how long running jobs may finish
     after a stop request; ``burst`` exits once the queues have nothing runnable and nothing
@@ -105,6 +132,7 @@ class Worker:
         queues: Sequence[str] | None = None,
         concurrency: int = 10,
         *,
+        queue_concurrency: Mapping[str, int] | None = None,
         prefetch: int = 0,
         poll_interval: float = 1.0,
         heartbeat_interval: float = 5.0,
@@ -117,9 +145,11 @@ class Worker:
         prune_interval: float = PRUNE_INTERVAL,
     ) -> None:
         self.app = app
-        self.queues = _queues(app, queues)
         self.concurrency = _positive_int(concurrency, "concurrency")
         self.prefetch = _non_negative_int(prefetch, "prefetch")
+        self._groups = _groups(app, queues, queue_concurrency, self.concurrency, self.prefetch)
+        self._group_of = {q: g for g in self._groups for q in g.queues}
+        self.queues = tuple(self._group_of)
         self.poll_interval = _positive(poll_interval, "poll_interval")
         self.heartbeat_interval = _positive(heartbeat_interval, "heartbeat_interval")
         self.heartbeat_timeout = _positive(heartbeat_timeout, "heartbeat_timeout")
@@ -132,15 +162,18 @@ class Worker:
         self.prune_interval = _positive(prune_interval, "prune_interval")
         self.id = name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.stats = WorkerStats()
+        # Told of every attempt's start and outcome (pgjobs.metrics.WorkerMetrics), if set.
+        self.observer: Any = None
         self.listener: Listener | None = None
         self._events_channel = events_channel_for(app.schema)
         self._executor = Executor(app.tasks, self.id)
         self._shutdown = threading.Event()
-        self._buffer: deque[ClaimedJob] = deque()
         self._running: dict[int, _Running] = {}
-        self._dirty = True
-        self._more = False
-        self._refill_since: float | None = None
+        # Queues with global limits (claimed with claim_limited), re-read every poll interval.
+        self._limited: frozenset[str] = frozenset()
+        self._limited_checked_at = 0.0
+        self._leases_checked_at = 0.0
+        self._recheck_pending = False
         self._due_at: float | None = None
         self._next_due: float | None = None
         self._next_due_known = False
@@ -153,6 +186,7 @@ class Worker:
         self._maintenance: Maintenance | None = None
         self._completions_task: asyncio.Task[None] | None = None
         self._listener_task: asyncio.Task[None] | None = None
+        self._scheduler: Scheduler | None = None
 
     # -- public --------------------------------------------------------------------------
 
@@ -204,6 +238,15 @@ class Worker:
             on_dead_alert=self.app._dead_alert,
         )
         await asyncio.to_thread(self._maintenance.start)
+        if self.app.periodics and not self.burst:
+            # Periodic jobs: every worker schedules them (on a thread; see pgjobs.cron).
+            notify = getattr(self.app.writer, "notify", True)
+            periodics = list(self.app.periodics.values())
+            self._scheduler = Scheduler(
+                url, self.app.queries, self.app.channel, periodics, notify=notify
+            )
+            self._scheduler.start()
+        await self._declare_limits()
         maintenance = self._maintenance
         self._completions = Completions(
             self.app.queries,
@@ -211,19 +254,34 @@ class Worker:
             lambda: connect_async(url, APPLICATION_NAME),
             events=lambda: maintenance.events,
         )
+        # Jobs whose parents just finished became runnable: claim now (workers never NOTIFY).
+        self._completions.on_released = lambda released: self._on_jobs("", released)
         self._completions_task = asyncio.create_task(self._completions.run())
         if self.listen:
             self.listener = Listener(
-                url, self.app.channel, self.queues, self._on_jobs, self._on_listener_connect
+                url,
+                self.app.channel,
+                self.queues,
+                self._on_jobs,
+                self._on_listener_connect,
+                control_channel=control_channel_for(self.app.schema),
+                on_cancel=self._on_cancel,
             )
             self._listener_task = asyncio.create_task(self.listener.run())
         log.info(
-            "worker %s started: queues %s, concurrency %d, prefetch %d",
+            "worker %s started: queues %s, prefetch %d",
             self.id,
-            ",".join(self.queues),
-            self.concurrency,
+            " ".join(f"{','.join(g.queues)}={g.slots}" for g in self._groups),
             self.prefetch,
         )
+
+    async def _declare_limits(self) -> None:
+        """Write the app's declared queue limits (App.limit_queue) to the database."""
+        if not self.app.queue_limits:
+            return
+        conn = await self._connection()
+        for queue, limits in self.app.queue_limits.items():
+            await conn.execute(self.app.queries.set_queue_limits, limits.params(queue))
 
     def _registration(self) -> Registration:
         return Registration(
@@ -231,8 +289,12 @@ class Worker:
             host=socket.gethostname(),
             pid=os.getpid(),
             queues=list(self.queues),
-            concurrency=self.concurrency,
-            meta={"prefetch": self.prefetch, "burst": self.burst},
+            concurrency=sum(g.slots for g in self._groups),
+            meta={
+                "prefetch": self.prefetch,
+                "burst": self.burst,
+                "slots": {",".join(g.queues): g.slots for g in self._groups},
+            },
         )
 
     async def _await_listener(self) -> None:
@@ -265,6 +327,8 @@ class Worker:
 
     async def _stop_everything(self) -> None:
         self._shutdown.set()
+        if self._scheduler is not None:
+            await asyncio.to_thread(self._scheduler.stop)
         if self._listener_task is not None:
             self._listener_task.cancel()
         if self._completions is not None:
@@ -295,11 +359,12 @@ class Worker:
         )
 
     async def _hand_back_buffer(self, completions: Completions) -> None:
-        if not self._buffer:
+        count = sum(len(g.buffer) for g in self._groups)
+        if not count:
             return
-        count = len(self._buffer)
-        while self._buffer:
-            completions.add(handed_back(self._buffer.popleft()))
+        for group in self._groups:
+            while group.buffer:
+                completions.add(handed_back(group.buffer.popleft()))
         await completions.flush()
         self.stats.handed_back += count
         log.info("handed back %d claimed job(s) that had not started", count)
@@ -327,56 +392,110 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         while not self._shutdown.is_set():
-            want = self.concurrency + self.prefetch - len(self._running) - len(self._buffer)
-            if want > 0 and (self._dirty or self._refill_due(want)):
-                self._dirty = False
-                self._refill_since = None
-                jobs = await self._claim(want)
-                self._accept(jobs)
-                if len(jobs) < want and await self._idle_now(jobs):
+            await self._refresh_limited()
+            claimed = short = 0
+            for group in self._groups:
+                want = group.free
+                if want > 0 and (group.dirty or self._refill_due(group, want)):
+                    group.dirty = False
+                    group.refill_since = None
+                    jobs = await self._claim(group, want)
+                    self._accept(group, jobs)
+                    claimed += 1
+                    short += len(jobs) < want
+            if claimed:
+                if short and await self._idle_now():
                     return
                 continue
-            await self._sleep(want > 0)
+            self._check_leases_due()
+            await self._sleep(any(g.free > 0 for g in self._groups))
 
-    def _refill_due(self, want: int) -> bool:
-        if self._refill_since is None:
+    def _refill_due(self, group: _Group, want: int) -> bool:
+        if group.refill_since is None:
             return False
-        capacity = self.concurrency + self.prefetch
         return (
-            want * 4 >= capacity
-            or not self._running
-            or time.monotonic() >= self._refill_since + _REFILL_WINDOW
+            want * 4 >= group.slots + group.prefetch
+            or not group.running
+            or time.monotonic() >= group.refill_since + _REFILL_WINDOW
         )
 
-    async def _claim(self, limit: int) -> list[ClaimedJob]:
+    async def _claim(self, group: _Group, limit: int) -> list[ClaimedJob]:
         self._poll_at = time.monotonic() + self.poll_interval * random.uniform(0.8, 1.2)
-        params = {
-            "queues": list(self.queues),
-            "limit": limit,
-            "worker": self.id,
-            "events": self._maintenance is not None and self._maintenance.events,
-            "events_channel": self._events_channel,
-        }
+        limited = [q for q in group.queues if q in self._limited]
+        free = [q for q in group.queues if q not in self._limited]
         try:
             conn = await self._connection()
-            cur = await conn.execute(self.app.queries.claim_jobs, params)
-            rows = await cur.fetchall()
+            rows = await self._claim_limited(conn, limited, limit) if limited else []
+            if free and len(rows) < limit:
+                rows += await self._claim_rows(conn, free, limit - len(rows))
         except psycopg.errors.UndefinedTable as exc:
             raise SchemaNotReadyError(
                 "pgjobs' tables are missing: run `pgjobs migrate upgrade`"
             ) from exc
         except (psycopg.Error, DatabaseError) as exc:
+            group.dirty = True
             await self._claim_failed(exc)
             return []
-        self.stats.claims += 1
-        if rows and rows[-1][0] is None:
-            # A short claim: its last row says when the next waiting job is due.
-            self._next_due = rows.pop()[9]
-            self._next_due_known = True
-        self._more = len(rows) == limit
+        group.more = len(rows) == limit
         jobs = sorted(map(ClaimedJob.from_row, rows), key=lambda j: (j.priority, j.run_at, j.id))
         self.stats.claimed += len(jobs)
         return jobs
+
+    def _claim_params(self, queues: list[str], limit: int) -> dict[str, Any]:
+        return {
+            "queues": queues,
+            "limit": limit,
+            "scan": limit + _LIMITED_SCAN_EXTRA,
+            "worker": self.id,
+            "events": self._maintenance is not None and self._maintenance.events,
+            "events_channel": self._events_channel,
+        }
+
+    async def _claim_rows(
+        self, conn: psycopg.AsyncConnection[Any], queues: list[str], limit: int
+    ) -> list[tuple[Any, ...]]:
+        cur = await conn.execute(self.app.queries.claim_jobs, self._claim_params(queues, limit))
+        return self._split_next_due(await cur.fetchall())
+
+    async def _claim_limited(
+        self, conn: psycopg.AsyncConnection[Any], queues: list[str], limit: int
+    ) -> list[tuple[Any, ...]]:
+        # One transaction: wait for this queue's turn, then count with a fresh snapshot.
+        async with conn.transaction():
+            await conn.execute(self.app.queries.lock_limited_queues, {"queues": queues})
+            cur = await conn.execute(
+                self.app.queries.claim_limited, self._claim_params(queues, limit)
+            )
+            rows = await cur.fetchall()
+        return self._split_next_due(rows)
+
+    def _split_next_due(self, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        self.stats.claims += 1
+        if rows and rows[-1][0] is None:
+            # A short claim: its last row says when the next waiting job is due.
+            seconds = rows.pop()[9]
+            if seconds is not None and (self._next_due is None or seconds < self._next_due):
+                self._next_due = seconds
+            self._next_due_known = True
+        return rows
+
+    async def _refresh_limited(self) -> None:
+        """Learn which served queues have global limits, once per poll interval (claim_jobs
+        skips limited queues by itself, so a stale answer only delays their jobs)."""
+        now = time.monotonic()
+        if now < self._limited_checked_at + self.poll_interval:
+            return
+        self._limited_checked_at = now
+        try:
+            conn = await self._connection()
+            cur = await conn.execute(self.app.queries.limited_queues, {"queues": list(self.queues)})
+            limited = frozenset(row[0] for row in await cur.fetchall())
+        except (psycopg.Error, DatabaseError) as exc:
+            log.warning("could not read queue limits: %s", " ".join(str(exc).split()))
+            return
+        if limited != self._limited:
+            log.info("queues with global limits: %s", ",".join(sorted(limited)) or "none")
+            self._limited = limited
 
     async def _claim_failed(self, exc: BaseException) -> None:
         log.warning("claim failed, retrying: %s", " ".join(str(exc).split()))
@@ -384,7 +503,6 @@ class Worker:
             with contextlib.suppress(psycopg.Error):
                 await self._conn.close()
         self._conn = None
-        self._dirty = True
         await asyncio.sleep(random.uniform(0.2, 1.0))
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
@@ -394,15 +512,15 @@ class Worker:
             )
         return self._conn
 
-    def _accept(self, jobs: Iterable[ClaimedJob]) -> None:
-        self._buffer.extend(jobs)
+    def _accept(self, group: _Group, jobs: Iterable[ClaimedJob]) -> None:
+        group.buffer.extend(jobs)
         self._start_buffered()
 
-    async def _idle_now(self, jobs: list[ClaimedJob]) -> bool:
+    async def _idle_now(self) -> bool:
         """After a claim that found less than it asked for: learn when the next waiting
         job is due; in burst mode, say whether it is time to exit."""
         self._learn_next_due()
-        if not self.burst or jobs or self._running or self._buffer:
+        if not self.burst or self._running or any(g.buffer for g in self._groups):
             return False
         assert self._completions is not None
         await self._completions.flush()
@@ -437,8 +555,9 @@ class Worker:
         timeout: float | None = None
         if can_claim:
             deadline = self._poll_at if self._due_at is None else min(self._poll_at, self._due_at)
-            if self._refill_since is not None:
-                deadline = min(deadline, self._refill_since + _REFILL_WINDOW)
+            for group in self._groups:
+                if group.refill_since is not None:
+                    deadline = min(deadline, group.refill_since + _REFILL_WINDOW)
             timeout = max(deadline - time.monotonic(), 0.0)
         # Waiting on the Event directly (not through wait_for, which wraps the wait in a
         # task of its own) takes one loop iteration off every wake-up.
@@ -453,31 +572,41 @@ class Worker:
         # Poll tick or a known run_at (a refill window is judged by _refill_due).
         now = time.monotonic()
         if self._poll_at <= now:
-            self._dirty = True
+            self._all_dirty()
         if self._due_at is not None and self._due_at <= now:
-            self._dirty = True
+            self._all_dirty()
             self._due_at = None
         self._wake.clear()
+
+    def _all_dirty(self) -> None:
+        for group in self._groups:
+            group.dirty = True
 
     def _poke(self) -> None:
         if self._wake is not None:
             self._wake.set()
 
     def _on_jobs(self, queue: str, count: int) -> None:
-        self._dirty = True
+        group = self._group_of.get(queue)
+        if group is None:  # a malformed notification: look everywhere
+            self._all_dirty()
+        else:
+            group.dirty = True
         self._poke()
 
     def _on_listener_connect(self) -> None:
-        self._dirty = True
+        self._all_dirty()
         self._poke()
 
     # -- running -------------------------------------------------------------------------
 
     def _start_buffered(self) -> None:
-        while self._buffer and len(self._running) < self.concurrency:
-            if self._shutdown.is_set():
-                return
-            self._start_job(self._buffer.popleft())
+        if self._shutdown.is_set():
+            return
+        for group in self._groups:
+            while group.buffer and group.running < group.slots:
+                group.running += 1
+                self._start_job(group.buffer.popleft())
 
     def _start_job(self, job: ClaimedJob) -> None:
         assert self._loop is not None and self._completions is not None
@@ -492,6 +621,7 @@ class Worker:
             loop=self._loop,
             write_progress=self._completions.write_progress,
             shutdown=self._shutdown,
+            read_parents=self._completions.parent_results,
         )
         task = self.app.tasks.get(job.task)
         running = _Running(job, ctx, is_async=task is not None and task.is_async)
@@ -502,6 +632,9 @@ class Worker:
 
     async def _execute(self, running: _Running) -> None:
         assert self._completions is not None
+        began = time.monotonic()
+        if self.observer is not None:
+            self.observer.started(running.job)
         try:
             finish = await self._executor.execute(running.job, running.ctx)
         except asyncio.CancelledError:
@@ -510,6 +643,8 @@ class Worker:
             return  # its row was handed back at shutdown already
         # Even when the lease is known to be lost this is written: fencing makes it a no-op.
         self._completions.add(finish)
+        if self.observer is not None:
+            self.observer.finished(running.job, finish, time.monotonic() - began)
         if finish.delay is not None:
             self._note_due(finish.delay)
         log.debug(
@@ -523,10 +658,32 @@ class Worker:
     def _slot_freed(self, running: _Running) -> None:
         if self._running.get(running.job.id) is running:
             del self._running[running.job.id]
+        group = self._group_of[running.job.queue]
+        group.running -= 1
         self._start_buffered()
-        if self._more and self._refill_since is None:
-            self._refill_since = time.monotonic()
+        if group.more and group.refill_since is None:
+            group.refill_since = time.monotonic()
+        if running.job.queue in self._limited:
+            self._claim_after_flush(group)
         self._poke()
+
+    def _claim_after_flush(self, group: _Group) -> None:
+        """A job of a limited queue finished: once its outcome is written there is room
+        under the queue's limit, so claim again then (not at the next poll)."""
+        if self._recheck_pending or self._completions is None or self._loop is None:
+            return
+        self._recheck_pending = True
+        completions = self._completions
+
+        async def recheck() -> None:
+            try:
+                await completions.flush()
+            finally:
+                self._recheck_pending = False
+            group.dirty = True
+            self._poke()
+
+        self._loop.create_task(recheck())
 
     # -- lost registration ---------------------------------------------------------------
 
@@ -542,9 +699,29 @@ class Worker:
         except (psycopg.Error, DatabaseError) as exc:
             log.warning("could not check this worker's leases: %s", exc)
 
+    def _on_cancel(self, job_ids: list[int]) -> None:
+        """An operator cancelled running jobs (control channel): stop those held here."""
+        if any(i in self._running for i in job_ids) or any(
+            j.id in job_ids for g in self._groups for j in g.buffer
+        ):
+            self._leases_checked_at = time.monotonic()
+            assert self._loop is not None
+            self._loop.create_task(self._check_leases())
+
+    def _check_leases_due(self) -> None:
+        """The poll fallback of cancellation: once per poll interval while jobs run, check
+        that this worker still holds their leases (a missed control message, or a rescue
+        while this worker was frozen)."""
+        now = time.monotonic()
+        if not self._running or now < self._leases_checked_at + self.poll_interval:
+            return
+        self._leases_checked_at = now
+        assert self._loop is not None
+        self._loop.create_task(self._check_leases())
+
     async def _cancel_lost_jobs(self) -> None:
         held = list(self._running.values())
-        buffered = list(self._buffer)
+        buffered = [j for g in self._groups for j in g.buffer]
         pairs = [(r.job.id, r.job.lease_token) for r in held] + [
             (j.id, j.lease_token) for j in buffered
         ]
@@ -562,12 +739,13 @@ class Worker:
             if running.is_async and running.task is not None:
                 running.task.cancel()
         for job in buffered:
-            if job.id not in still and job in self._buffer:
-                self._buffer.remove(job)
+            group = self._group_of[job.queue]
+            if job.id not in still and job in group.buffer:
+                group.buffer.remove(job)
         if lost:
             log.warning(
-                "lease lost on %d running job(s) %s: they were rescued while this worker was "
-                "unresponsive; their outcomes will not be recorded",
+                "lease lost on %d running job(s) %s (cancelled, or rescued while this worker "
+                "was unresponsive): stopping them; their outcomes will not be recorded",
                 len(lost),
                 [r.job.id for r in lost][:20],
             )
@@ -589,13 +767,32 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def _queues(app: App, queues: Sequence[str] | None) -> tuple[str, ...]:
+def _groups(
+    app: App,
+    queues: Sequence[str] | None,
+    queue_concurrency: Mapping[str, int] | None,
+    concurrency: int,
+    prefetch: int,
+) -> list[_Group]:
+    own = {
+        validate_queue(q): _positive_int(n, f"concurrency of queue {q!r}")
+        for q, n in (queue_concurrency or {}).items()
+    }
     if queues:
-        return tuple(dict.fromkeys(validate_queue(q) for q in queues))
-    names = sorted({task.config.queue for task in app.tasks.values()})
-    if not names:
-        raise ConfigurationError("the application registers no tasks; name the queues to work")
-    return tuple(names)
+        shared = tuple(dict.fromkeys(validate_queue(q) for q in queues))
+    elif own:
+        shared = ()
+    else:
+        shared = tuple(sorted({task.config.queue for task in app.tasks.values()}))
+        if not shared:
+            raise ConfigurationError("the application registers no tasks; name the queues to work")
+    both = set(shared) & set(own)
+    if both:
+        raise ConfigurationError(
+            f"queue(s) {sorted(both)} given both with and without their own concurrency"
+        )
+    groups = [_Group(shared, concurrency, prefetch)] if shared else []
+    return groups + [_Group((q,), n) for q, n in own.items()]
 
 
 def _positive(value: float, name: str) -> float:

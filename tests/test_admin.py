@@ -68,18 +68,21 @@ def test_cancel_a_job_that_has_not_started(
     assert "cancelled by an operator" in last["message"]
 
 
-def test_cancel_refuses_running_final_and_unknown_jobs(
+def test_cancel_a_running_job_revokes_its_lease(
     admin: Admin, conn: psycopg.Connection[Any]
 ) -> None:
     running = add_job(conn, state="running")
+    job = admin.cancel_job(running)
+    assert (job.state, job.lease_token) == ("cancelled", None)
+    assert job.errors[-1]["type"] == "Cancelled" and job.errors[-1]["worker"] == job.worker
+
+
+def test_cancel_refuses_final_and_unknown_jobs(admin: Admin, conn: psycopg.Connection[Any]) -> None:
     done = add_job(conn, state="succeeded")
-    with pytest.raises(JobStateError, match="running jobs cannot be cancelled yet"):
-        admin.cancel_job(running)
     with pytest.raises(JobStateError, match="already succeeded"):
         admin.cancel_job(done)
     with pytest.raises(pgjobs.JobNotFoundError, match="no job with id 999999"):
         admin.cancel_job(999_999)
-    assert state_of(conn, running) == "running"
     assert state_of(conn, done) == "succeeded"
 
 

@@ -130,7 +130,8 @@ def test_jobs_bad_input(db_url: str, conn: psycopg.Connection[Any]) -> None:
     assert "no job with id 99999" in fails(db_url, "jobs", "cancel", "99999")
     assert "no job with id 99999" in fails(db_url, "jobs", "retry", "99999")
     assert "unknown job state 'finished'" in fails(db_url, "jobs", "list", "--state", "finished")
-    assert "running jobs cannot be cancelled yet" in fails(db_url, "jobs", "cancel", str(running))
+    assert "it is running" in fails(db_url, "jobs", "retry", str(running))
+    assert "already succeeded" in fails(db_url, "jobs", "cancel", str(done))
     assert "it is succeeded" in fails(db_url, "jobs", "retry", str(done))
     assert (state_of(conn, running), state_of(conn, done)) == ("running", "succeeded")
 

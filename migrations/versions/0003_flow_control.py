@@ -99,9 +99,141 @@ UPGRADE = [
         updated_at   timestamptz NOT NULL DEFAULT now()
     )
     """,
+    # Dependencies: settle the children of parents that reached a final state. One edge per
+    # (parent, its final state, child) in three parallel arrays, so that a worker settles
+    # every child of a whole completion batch at once, locking them in id order (two
+    # batches over overlapping fan-ins cannot deadlock). Returns how many children became
+    # runnable now (the worker claims again at once: workers never NOTIFY).
+    #
+    # Why this is race-free under READ COMMITTED: an enqueue of a child locks its parents
+    # and appends the child's id to their `dependents` in its own statement; a worker
+    # finishing a parent reads `dependents` from its UPDATE ... RETURNING, which re-reads the
+    # newest row version once that enqueue commits (or the enqueue, waiting on the parent's
+    # lock, then reads the parent's final state and does not wait for it). Here each level
+    # first locks its children (statement 1), then updates them (statement 2): a VOLATILE
+    # function takes a fresh snapshot per statement, so statement 2 reads the newest version
+    # of every child, including what a concurrent settle of another parent committed while
+    # this one waited for the lock. A child made dead or cancelled (per its
+    # on_parent_failure) records which parent ended how, and its own dependents settle in
+    # the next level (cascade). Children no longer pending, or no longer waiting for that
+    # parent (a parent finishing a second time after an operator's retry), are left alone.
+    # The job graph is acyclic by construction (a parent exists before its children), so
+    # the loop ends.
+    """
+    CREATE FUNCTION {schema}.settle_dependents(
+        parent_ids bigint[], parent_states text[], child_ids bigint[]
+    ) RETURNS integer
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    DECLARE
+        released integer := 0;
+        level_released integer;
+    BEGIN
+        WHILE coalesce(cardinality(child_ids), 0) > 0 LOOP
+            PERFORM 1
+            FROM {schema}.jobs AS j
+            WHERE j.id = ANY (child_ids) AND j.state = 'pending'
+            ORDER BY j.id
+            FOR NO KEY UPDATE OF j;
+
+            WITH edges AS (
+                SELECT e.parent, e.state, c.id AS child, c.waiting_for,
+                       coalesce(c.on_parent_failure, 'dead') AS policy
+                FROM unnest(parent_ids, parent_states, child_ids) AS e(parent, state, child)
+                JOIN {schema}.jobs AS c ON c.id = e.child
+                WHERE c.state = 'pending'
+                  AND e.parent = ANY (c.waiting_for)
+                  AND e.state IN ('succeeded', 'dead', 'cancelled')
+            ),
+            per_child AS (
+                -- done: parents that hold the child back no longer; failed: the first
+                -- parent whose failure ends the child (policies 'dead' and 'cancel').
+                SELECT e.child, e.waiting_for, e.policy,
+                       coalesce(array_agg(e.parent)
+                                    FILTER (WHERE e.state = 'succeeded' OR e.policy = 'run'),
+                                '{}') AS done,
+                       (array_agg(e.parent ORDER BY e.parent)
+                            FILTER (WHERE e.state <> 'succeeded' AND e.policy <> 'run'))[1]
+                           AS failed_parent,
+                       (array_agg(e.state ORDER BY e.parent)
+                            FILTER (WHERE e.state <> 'succeeded' AND e.policy <> 'run'))[1]
+                           AS failed_state
+                FROM edges AS e
+                GROUP BY e.child, e.waiting_for, e.policy
+            ),
+            planned AS (
+                SELECT p.*,
+                       ARRAY(SELECT w FROM unnest(p.waiting_for) AS w
+                             WHERE w <> ALL (p.done) ORDER BY w) AS still
+                FROM per_child AS p
+            ),
+            updated AS (
+                UPDATE {schema}.jobs AS c
+                SET state = CASE
+                        WHEN p.failed_parent IS NOT NULL
+                            THEN CASE WHEN p.policy = 'cancel' THEN 'cancelled' ELSE 'dead' END
+                        WHEN cardinality(p.still) > 0 THEN 'pending'
+                        WHEN c.run_at > now() THEN 'scheduled'
+                        ELSE 'available'
+                    END::{schema}.job_state,
+                    waiting_for = CASE WHEN p.failed_parent IS NULL THEN p.still
+                                       ELSE c.waiting_for END,
+                    -- A released child queues from now (its own delay still counts).
+                    run_at = CASE WHEN p.failed_parent IS NULL AND cardinality(p.still) = 0
+                                  THEN greatest(c.run_at, now()) ELSE c.run_at END,
+                    finished_at = CASE WHEN p.failed_parent IS NOT NULL THEN now() END,
+                    errors = CASE WHEN p.failed_parent IS NULL THEN c.errors
+                                  ELSE c.errors || jsonb_build_array(jsonb_build_object(
+                                      'attempt', c.attempts,
+                                      'at', now(),
+                                      'type', 'ParentFailed',
+                                      'message', 'parent job ' || p.failed_parent || ' ended '
+                                                 || p.failed_state,
+                                      'parent', p.failed_parent,
+                                      'parent_state', p.failed_state,
+                                      'traceback', NULL,
+                                      'worker', NULL)) END
+                FROM planned AS p
+                WHERE c.id = p.child AND c.state = 'pending'
+                RETURNING c.id, c.state, c.dependents
+            ),
+            next_level AS (
+                SELECT u.id, u.state::text AS state, d.child
+                FROM updated AS u
+                CROSS JOIN LATERAL unnest(u.dependents) AS d(child)
+                WHERE u.state IN ('dead', 'cancelled')
+            )
+            SELECT (SELECT count(*) FROM updated WHERE state = 'available'),
+                   (SELECT coalesce(array_agg(id ORDER BY child), '{}') FROM next_level),
+                   (SELECT coalesce(array_agg(state ORDER BY child), '{}') FROM next_level),
+                   (SELECT coalesce(array_agg(child ORDER BY child), '{}') FROM next_level)
+            INTO level_released, parent_ids, parent_states, child_ids;
+            released := released + level_released;
+        END LOOP;
+        RETURN released;
+    END
+    $$
+    """,
+    # The same for one parent (an operator cancelling a job).
+    """
+    CREATE FUNCTION {schema}.settle_dependents(
+        parent_id bigint, parent_state text, children bigint[]
+    ) RETURNS integer
+    LANGUAGE sql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+        SELECT {schema}.settle_dependents(
+                   ARRAY(SELECT parent_id FROM unnest(children)),
+                   ARRAY(SELECT parent_state FROM unnest(children)),
+                   coalesce(children, '{}'))
+    $$
+    """,
 ]
 
 DOWNGRADE = [
+    "DROP FUNCTION IF EXISTS {schema}.settle_dependents(bigint, text, bigint[])",
+    "DROP FUNCTION IF EXISTS {schema}.settle_dependents(bigint[], text[], bigint[])",
     "DROP TABLE IF EXISTS {schema}.periodic",
     "DROP TABLE IF EXISTS {schema}.queue_starts",
     """

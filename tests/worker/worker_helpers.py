@@ -74,9 +74,10 @@ class WorkerProcess:
 class Workers:
     """Starts worker processes against one test database."""
 
-    def __init__(self, url: str, tmp_path: Path) -> None:
+    def __init__(self, url: str, tmp_path: Path, app: str = APP) -> None:
         self.url = url
         self.tmp_path = tmp_path
+        self.app = app
         self.started: list[WorkerProcess] = []
 
     def start(
@@ -94,7 +95,7 @@ class Workers:
         listening unless ``wait_ready`` is false."""
         argv = [
             sys.executable, "-m", "pgjobs", "--database-url", self.url,
-            "--app", APP, "work",
+            "--app", self.app, "work",
             "--queues", queues, "--concurrency", str(concurrency),
             "--poll-interval", str(poll_interval),
             "--heartbeat-interval", str(heartbeat_interval),
