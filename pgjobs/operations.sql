@@ -58,7 +58,15 @@ cancelled AS (
     FROM target
     WHERE j.id = target.id
       AND j.state IN ('scheduled', 'available', 'retryable', 'pending', 'running')
-    RETURNING j.id, j.queue, j.task, j.attempts, j.worker, target.state AS previous
+    RETURNING j.id, j.queue, j.task, j.attempts, j.worker, target.state AS previous,
+              j.dependents
+),
+-- The jobs waiting for this one: dead, cancelled or released, per their on_parent_failure.
+settled AS (
+    SELECT coalesce(sum({schema}.settle_dependents(c.id, 'cancelled', c.dependents)), 0)
+               AS released
+    FROM cancelled AS c
+    WHERE c.dependents IS NOT NULL
 ),
 told AS (
     SELECT count(pg_notify(%(control_channel)s,
@@ -76,7 +84,7 @@ published AS (
 )
 SELECT target.state::text AS previous_state,
        EXISTS (SELECT 1 FROM cancelled) AS cancelled
-FROM target CROSS JOIN told CROSS JOIN published;
+FROM target CROSS JOIN told CROSS JOIN published CROSS JOIN settled;
 
 
 -- name: job_states
