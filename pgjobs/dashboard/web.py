@@ -288,7 +288,7 @@ async def job_retry(request: Request) -> Response:
 
 
 async def job_cancel(request: Request) -> Response:
-    """Cancel a job that has not started."""
+    """Cancel a job that has not finished (a running one is stopped by its worker)."""
     await _action_form(request)
     job_id = security.job_id(request.path_params["job_id"])
     await run_in_threadpool(_dashboard(request).admin.cancel_job, job_id)
