@@ -967,13 +967,8 @@ def queues_list(as_json: JsonOption = False) -> None:
 
 
 def _limits_text(row: dict[str, Any]) -> str:
-    limits = QueueLimits(
-        concurrency=row["concurrency_limit"],
-        rate=row["rate_limit"],
-        period=row["rate_period"],
-        per_key=row["limit_per_key"],
-    )
-    return "" if not limits.limited else limits.describe()
+    limits = QueueLimits.from_row(row)
+    return limits.describe() if limits.limited else ""
 
 
 @queues_cli.command("pause")

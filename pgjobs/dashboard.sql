@@ -59,3 +59,9 @@ FROM {schema}.dead_jobs
 GROUP BY task
 ORDER BY count(*) DESC, task
 LIMIT 100;
+
+
+-- name: dashboard_queue_limits
+-- The queues with global limits (pgjobs queues limit), for the overview.
+SELECT queue, concurrency_limit, rate_limit, rate_period, limit_per_key
+FROM {schema}.queue_limits;

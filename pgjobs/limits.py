@@ -14,6 +14,7 @@ export per customer, or 10 calls per second per API token.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -63,6 +64,16 @@ class QueueLimits:
         or ``(count, seconds or timedelta)``."""
         count, period = parse_rate(rate) if rate is not None else (None, None)
         return cls(concurrency=concurrency, rate=count, period=period, per_key=per_key)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> QueueLimits:
+        """The limits of a row with the queues table's limit columns."""
+        return cls(
+            concurrency=row["concurrency_limit"],
+            rate=row["rate_limit"],
+            period=row["rate_period"],
+            per_key=bool(row["limit_per_key"]),
+        )
 
     @property
     def limited(self) -> bool:

@@ -85,6 +85,14 @@ UPGRADE = [
     )
     """,
     "CREATE INDEX queue_starts_window_idx ON {schema}.queue_starts (queue, started_at)",
+    # The queues with global limits, for read-only roles (which get the views, not the
+    # tables) and for people.
+    """
+    CREATE VIEW {schema}.queue_limits AS
+    SELECT name AS queue, concurrency_limit, rate_limit, rate_period, limit_per_key
+    FROM {schema}.queues
+    WHERE concurrency_limit IS NOT NULL OR rate_limit IS NOT NULL
+    """,
     # Periodic (cron) tasks: the last slot enqueued per schedule. The row is what makes a
     # slot enqueued once however many workers run: a worker locks it, enqueues the slots
     # after last_slot, advances it, and commits.
@@ -236,6 +244,7 @@ DOWNGRADE = [
     "DROP FUNCTION IF EXISTS {schema}.settle_dependents(bigint[], text[], bigint[])",
     "DROP TABLE IF EXISTS {schema}.periodic",
     "DROP TABLE IF EXISTS {schema}.queue_starts",
+    "DROP VIEW IF EXISTS {schema}.queue_limits",
     """
     ALTER TABLE {schema}.queues
         DROP COLUMN IF EXISTS limit_per_key,

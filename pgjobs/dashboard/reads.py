@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 from pgjobs.admin import Admin
+from pgjobs.limits import QueueLimits
 
 PAGE_SIZE = 50
 CHART_MINUTES = 60
@@ -81,9 +82,11 @@ def overview(admin: Admin) -> dict[str, Any]:
     chart of the last hour; plus how many workers are alive."""
     queues = admin.stats()
     charts = _charts(admin.throughput())
+    limits = {r["queue"]: r for r in _rows(admin, "dashboard_queue_limits", {})}
     for row in queues:
         row["waiting"] = sum(int(row[state]) for state in WAITING_STATES)
         row["chart"] = charts.get(row["queue"], EMPTY_CHART)
+        row["limits"] = _limits(limits.get(row["queue"]))
     workers = admin.workers()
     return {
         "queues": queues,
@@ -91,6 +94,11 @@ def overview(admin: Admin) -> dict[str, Any]:
         "workers_total": len(workers),
         "dead_total": sum(int(row["dead"]) for row in queues),
     }
+
+
+def _limits(row: dict[str, Any] | None) -> str:
+    """A queue's global limits in words ("3 running, 20 per 1s"), or ""."""
+    return "" if row is None else QueueLimits.from_row(row).describe()
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import LiveServer, WorkerProcesses, subscribed, wait_until
+from dash_helpers import LiveServer, WorkerProcesses, subscribed, wait_until
 
 import pgjobs
 from pgjobs.dashboard import create_app

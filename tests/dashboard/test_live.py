@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import psycopg
-from conftest import LiveServer, WorkerProcesses, read_events, subscribed, wait_until
+from dash_helpers import LiveServer, WorkerProcesses, read_events, subscribed, wait_until
 from ops_helpers import add_job
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette

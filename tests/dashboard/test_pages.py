@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import csrf_token
+from dash_helpers import csrf_token
 from ops_helpers import add_job
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
@@ -19,6 +19,7 @@ from starlette.testclient import TestClient
 import pgjobs
 from pgjobs.admin import Admin
 from pgjobs.dashboard import Auth, create_app
+from pgjobs.limits import QueueLimits
 
 
 def state_of(conn: psycopg.Connection[Any], job_id: int) -> str | None:
@@ -44,6 +45,7 @@ def test_overview_shows_each_queue_with_depths_rates_chart_and_pause(
     add_job(conn, queue="emails", state="dead", errors_ago=[20])
     add_job(conn, queue="reports", state="running")
     Admin(dapp).pause_queue("reports")
+    Admin(dapp).set_queue_limits("reports", QueueLimits.build(concurrency=3, rate="20/s"))
 
     page = client.get("/")
     assert page.status_code == 200
@@ -57,6 +59,7 @@ def test_overview_shows_each_queue_with_depths_rates_chart_and_pause(
     assert "50.0%" in emails  # one success, one failed attempt in 15 minutes
     reports = html.split('data-queue="reports"')[1].split("</tr>")[0]
     assert "state-paused" in reports and "/queues/reports/resume" in reports
+    assert "limit: 3 running, 20 per 1s" in reports and 'data-field="limits"' not in emails
     assert 'data-live="overview"' in html
 
 
@@ -384,7 +387,8 @@ def test_a_role_granted_only_the_views_sees_the_overview_workers_and_metrics(
         conn.execute(f"GRANT USAGE ON SCHEMA pgjobs TO {role}")
         conn.execute(
             "GRANT SELECT ON pgjobs.queue_stats, pgjobs.worker_stats, "
-            f"pgjobs.throughput_per_minute, pgjobs.queue_depths, pgjobs.dead_jobs TO {role}"
+            "pgjobs.throughput_per_minute, pgjobs.queue_depths, pgjobs.dead_jobs, "
+            f"pgjobs.queue_limits TO {role}"
         )
         url = make_conninfo(**{**conninfo_to_dict(db_url), "user": role, "password": None})
         viewer = pgjobs.App(url)
