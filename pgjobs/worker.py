@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,7 +173,8 @@ class Worker:
         self._limited: frozenset[str] = frozenset()
         self._limited_checked_at = 0.0
         self._leases_checked_at = 0.0
-        self._recheck_pending = False
+        self._recheck: set[_Group] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._due_at: float | None = None
         self._next_due: float | None = None
         self._next_due_known = False
@@ -670,20 +671,32 @@ class Worker:
     def _claim_after_flush(self, group: _Group) -> None:
         """A job of a limited queue finished: once its outcome is written there is room
         under the queue's limit, so claim again then (not at the next poll)."""
-        if self._recheck_pending or self._completions is None or self._loop is None:
+        if self._completions is None:
             return
-        self._recheck_pending = True
+        waiting = bool(self._recheck)
+        self._recheck.add(group)
+        if waiting:
+            return  # the flush already awaited covers this outcome too
         completions = self._completions
 
         async def recheck() -> None:
             try:
                 await completions.flush()
             finally:
-                self._recheck_pending = False
-            group.dirty = True
+                groups, self._recheck = self._recheck, set()
+            for waiter in groups:
+                waiter.dirty = True
             self._poke()
 
-        self._loop.create_task(recheck())
+        self._spawn(recheck())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` on the loop, keeping a reference until it is done (the loop keeps
+        only weak ones)."""
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- lost registration ---------------------------------------------------------------
 
@@ -691,7 +704,7 @@ class Worker:
         """Called from the heartbeat thread when peers declared this worker dead."""
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(lambda: loop.create_task(self._check_leases()))
+            loop.call_soon_threadsafe(lambda: self._spawn(self._check_leases()))
 
     async def _check_leases(self) -> None:
         try:
@@ -705,8 +718,7 @@ class Worker:
             j.id in job_ids for g in self._groups for j in g.buffer
         ):
             self._leases_checked_at = time.monotonic()
-            assert self._loop is not None
-            self._loop.create_task(self._check_leases())
+            self._spawn(self._check_leases())
 
     def _check_leases_due(self) -> None:
         """The poll fallback of cancellation: once per poll interval while jobs run, check
@@ -716,8 +728,7 @@ class Worker:
         if not self._running or now < self._leases_checked_at + self.poll_interval:
             return
         self._leases_checked_at = now
-        assert self._loop is not None
-        self._loop.create_task(self._check_leases())
+        self._spawn(self._check_leases())
 
     async def _cancel_lost_jobs(self) -> None:
         held = list(self._running.values())
