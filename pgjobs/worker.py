@@ -67,6 +67,9 @@ _REFILL_WINDOW = 0.003
 # A limited claim reads this many runnable jobs beyond what it may claim, so that jobs of
 # partitions that are full do not hide the jobs of others.
 _LIMITED_SCAN_EXTRA = 200
+# A worker too busy to sleep re-reads which queues are limited every this many poll
+# intervals (an idle one every interval, before it sleeps).
+_LIMITS_REFRESH_BUSY = 3.0
 
 
 @dataclass(eq=False)
@@ -393,7 +396,8 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         while not self._shutdown.is_set():
-            await self._refresh_limited()
+            # A busy worker (it never sleeps) refreshes here, at most every few intervals.
+            await self._refresh_limited(_LIMITS_REFRESH_BUSY)
             claimed = short = 0
             for group in self._groups:
                 want = group.free
@@ -409,6 +413,8 @@ class Worker:
                     return
                 continue
             self._check_leases_due()
+            # Idle: refresh before sleeping, so that a wake-up goes straight to its claim.
+            await self._refresh_limited(1.0)
             await self._sleep(any(g.free > 0 for g in self._groups))
 
     def _refill_due(self, group: _Group, want: int) -> bool:
@@ -480,11 +486,12 @@ class Worker:
             self._next_due_known = True
         return rows
 
-    async def _refresh_limited(self) -> None:
-        """Learn which served queues have global limits, once per poll interval (claim_jobs
-        skips limited queues by itself, so a stale answer only delays their jobs)."""
+    async def _refresh_limited(self, intervals: float) -> None:
+        """Learn which served queues have global limits, if the last answer is older than
+        ``intervals`` poll intervals (claim_jobs skips limited queues by itself, so a stale
+        answer only delays their jobs)."""
         now = time.monotonic()
-        if now < self._limited_checked_at + self.poll_interval:
+        if now < self._limited_checked_at + self.poll_interval * intervals:
             return
         self._limited_checked_at = now
         try:
