@@ -1,7 +1,8 @@
 """The demo ``pgjobs work`` runs when no application is named: a few tasks and a seed.
 
 Shows the shape of a pgjobs application: sync and async tasks, a job that retries, a
-delayed job. Run ``pgjobs work`` and watch the jobs go through; inspect them with psql.
+delayed job, a chain whose last step reads its parent's result, and a periodic job. Run
+``pgjobs work`` and watch the jobs go through; inspect them with psql.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from typing import Any
 
 from pgjobs.app import App
+from pgjobs.context import JobContext
 
 app = App()
 log = logging.getLogger("pgjobs.demo")
@@ -44,6 +46,21 @@ def flaky(chance: float) -> str:
     return "made it"
 
 
+@app.task(name="demo.report", queue="demo")
+def report(ctx: JobContext) -> str:
+    """The last step of a chain: runs once its parent succeeded, and reads its result."""
+    parents = ctx.parent_results()
+    log.info("report: the image before me came out as %s", list(parents.values()))
+    return "reported"
+
+
+@app.periodic(every=15, name="demo.tick")
+@app.task(name="demo.tick", queue="demo")
+def tick() -> None:
+    """A periodic job: every 15 s, enqueued once per slot however many workers run."""
+    log.info("tick: a periodic job (every 15 s)")
+
+
 def seed() -> list[int | None]:
     """Enqueue a handful of demo jobs; return their ids."""
     ids: list[int | None] = []
@@ -51,6 +68,7 @@ def seed() -> list[int | None]:
     ids.append(resize.enqueue(image="cat.png", width=640))
     ids.append(flaky.enqueue(chance=0.5))
     ids.append(greet.enqueue(name="later", delay=3))
+    ids += app.chain(resize.job(image="dog.png", width=320), report.job())
     log.info(
         "demo: enqueued jobs %s; see them with: SELECT id, task, state, attempts, result "
         "FROM pgjobs.jobs ORDER BY id",
