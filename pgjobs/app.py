@@ -7,8 +7,8 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime, timedelta
-from typing import Any, TypeVar, overload
+from datetime import timedelta
+from typing import Any, TypeVar, Unpack, overload
 
 import psycopg
 from psycopg.rows import dict_row
@@ -19,9 +19,9 @@ from pgjobs.cron import Missed, PeriodicTask, declare, parse_schedule
 from pgjobs.database import CONNECT_TIMEOUT, connect, connect_async, resolve_database_url
 from pgjobs.enqueue import (
     ArgsFunction,
+    EnqueueOptions,
     JobId,
     JobSpec,
-    OnDuplicate,
     OnParentFailure,
     Options,
     Writer,
@@ -274,41 +274,11 @@ class App:
         args: dict[str, Any] | None = None,
         *,
         conn: Any = None,
-        queue: str | None = None,
-        priority: int | None = None,
-        run_at: datetime | None = None,
-        delay: float | timedelta | None = None,
-        max_attempts: int | None = None,
-        unique_key: str | None = None,
-        meta: dict[str, Any] | None = None,
-        on_duplicate: OnDuplicate = "existing",
-        unique: bool | None = None,
-        unique_by: Sequence[str] | ArgsFunction | None = None,
-        unique_for: float | timedelta | None = None,
-        limit_key: str | None = None,
-        depends_on: Sequence[int] | None = None,
-        on_parent_failure: OnParentFailure | None = None,
+        **options: Unpack[EnqueueOptions],
     ) -> JobId | None:
         """Enqueue a job of the task called ``task`` with ``args``; see :meth:`Task.enqueue`."""
-        options = Options.validate(
-            queue=queue,
-            priority=priority,
-            run_at=run_at,
-            delay=delay,
-            max_attempts=max_attempts,
-            unique_key=unique_key,
-            meta=meta,
-            on_duplicate=on_duplicate,
-            unique=unique,
-            unique_by=unique_by,
-            unique_for=unique_for,
-            limit_key=limit_key,
-            depends_on=depends_on,
-            on_parent_failure=on_parent_failure,
-        )
-        return self._enqueue_specs([self._spec_by_name(task, args or {}, options)], options, conn)[
-            0
-        ]
+        opts = Options.of_call(options)
+        return self._enqueue_specs([self._spec_by_name(task, args or {}, opts)], opts, conn)[0]
 
     async def enqueue_async(
         self,
@@ -316,40 +286,12 @@ class App:
         args: dict[str, Any] | None = None,
         *,
         conn: Any = None,
-        queue: str | None = None,
-        priority: int | None = None,
-        run_at: datetime | None = None,
-        delay: float | timedelta | None = None,
-        max_attempts: int | None = None,
-        unique_key: str | None = None,
-        meta: dict[str, Any] | None = None,
-        on_duplicate: OnDuplicate = "existing",
-        unique: bool | None = None,
-        unique_by: Sequence[str] | ArgsFunction | None = None,
-        unique_for: float | timedelta | None = None,
-        limit_key: str | None = None,
-        depends_on: Sequence[int] | None = None,
-        on_parent_failure: OnParentFailure | None = None,
+        **options: Unpack[EnqueueOptions],
     ) -> JobId | None:
         """The async twin of :meth:`enqueue`."""
-        options = Options.validate(
-            queue=queue,
-            priority=priority,
-            run_at=run_at,
-            delay=delay,
-            max_attempts=max_attempts,
-            unique_key=unique_key,
-            meta=meta,
-            on_duplicate=on_duplicate,
-            unique=unique,
-            unique_by=unique_by,
-            unique_for=unique_for,
-            limit_key=limit_key,
-            depends_on=depends_on,
-            on_parent_failure=on_parent_failure,
-        )
-        spec = self._spec_by_name(task, args or {}, options)
-        return (await self._enqueue_specs_async([spec], options, conn))[0]
+        opts = Options.of_call(options)
+        spec = self._spec_by_name(task, args or {}, opts)
+        return (await self._enqueue_specs_async([spec], opts, conn))[0]
 
     def enqueue_many(
         self, task: str, items: Iterable[dict[str, Any]], *, conn: Any = None, **options: Any

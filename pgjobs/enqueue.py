@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypedDict
 
 import psycopg
 
@@ -127,6 +127,28 @@ class UniqueRule:
     period: float | None = None
 
 
+class EnqueueOptions(TypedDict, total=False):
+    """The keyword options every enqueue call takes (see :meth:`pgjobs.Task.enqueue`)."""
+
+    queue: str | None
+    priority: int | None
+    run_at: datetime | None
+    delay: float | timedelta | None
+    max_attempts: int | None
+    unique_key: str | None
+    meta: dict[str, Any] | None
+    on_duplicate: OnDuplicate
+    unique: bool | None
+    unique_by: Sequence[str] | ArgsFunction | None
+    unique_for: float | timedelta | None
+    limit_key: str | None
+    depends_on: Sequence[int] | None
+    on_parent_failure: OnParentFailure | None
+
+
+OPTION_NAMES = frozenset(EnqueueOptions.__annotations__)
+
+
 @dataclass(frozen=True, slots=True)
 class Options:
     """Per-call enqueue options, validated. ``None`` means: the task's default."""
@@ -156,6 +178,15 @@ class Options:
     def with_parents(self, parents: Sequence[int]) -> Options:
         """These options with ``parents`` added to ``depends_on``."""
         return replace(self, depends_on=check_parents((*(self.depends_on or ()), *parents)))
+
+    @classmethod
+    def of_call(cls, options: Mapping[str, Any]) -> Options:
+        """:meth:`validate` for options passed on as ``**options``: an unknown name is an
+        InvalidJobError too."""
+        unknown = options.keys() - OPTION_NAMES
+        if unknown:
+            raise InvalidJobError(f"unknown enqueue option(s): {sorted(unknown)}")
+        return cls.validate(**options)
 
     @classmethod
     def validate(

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from pgjobs.enqueue import (
+    OPTION_NAMES,
     ArgsFunction,
     JobId,
     JobSpec,
@@ -36,25 +37,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 # Keyword arguments of .enqueue() that are options, not task arguments.
-ENQUEUE_OPTIONS = frozenset(
-    {
-        "conn",
-        "queue",
-        "priority",
-        "run_at",
-        "delay",
-        "max_attempts",
-        "unique_key",
-        "meta",
-        "on_duplicate",
-        "unique",
-        "unique_by",
-        "unique_for",
-        "limit_key",
-        "depends_on",
-        "on_parent_failure",
-    }
-)
+ENQUEUE_OPTIONS = OPTION_NAMES | {"conn"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,16 +355,13 @@ class Task(Generic[P, R]):
 
 
 def _batch_options(options: dict[str, Any], unique_key: object = None) -> Options:
-    unknown = set(options) - ENQUEUE_OPTIONS
-    if unknown:
-        raise InvalidJobError(f"unknown enqueue option(s): {sorted(unknown)}")
     if unique_key is not None and not callable(unique_key):
         # One key for a whole batch would make every job after the first a duplicate.
         raise InvalidJobError(
             "unique_key of enqueue_many must be a function that derives a job's key from its "
             f"arguments, not {unique_key!r}"
         )
-    return Options.validate(**options)
+    return Options.of_call(options)
 
 
 def _fast_check(

@@ -138,6 +138,10 @@ CASES: dict[str, tuple[Call, type[pgjobs.PgJobsError]]] = {
         lambda app, task, conn: app.enqueue_many("send_email", [GOOD], conn=conn, bogus=1),
         pgjobs.InvalidJobError,
     ),
+    "unknown option by name": (
+        lambda app, task, conn: app.enqueue("send_email", GOOD, conn=conn, prioriti=1),
+        pgjobs.InvalidJobError,
+    ),
     "bulk unique_key not callable": (
         lambda app, task, conn: task.enqueue_many([GOOD], conn=conn, unique_key="k"),
         pgjobs.InvalidJobError,
