@@ -55,10 +55,11 @@ class Completions:
         self.written = 0
         self.batches = 0
         self.stale = 0
-        # Called with how many dependent jobs a batch made runnable (finish_jobs settles
-        # the children of finished jobs); the worker claims again at once, since workers
-        # never NOTIFY.
-        self.on_released: Callable[[int], None] | None = None
+        # Called after each written batch with the queues of the jobs it finished and how
+        # many dependent jobs it made runnable (finish_jobs settles the children of
+        # finished jobs): the worker claims again at once where that made room or work,
+        # since workers never NOTIFY.
+        self.on_written: Callable[[set[str], int], None] | None = None
 
     def add(self, finish: Finish) -> None:
         """Queue one outcome for the next batch."""
@@ -137,8 +138,8 @@ class Completions:
         cur = await conn.execute(self.queries.finish_jobs, self._params(batch))
         rows = await cur.fetchall()
         written = {row[0] for row in rows}
-        if rows and rows[0][1] and self.on_released is not None:
-            self.on_released(rows[0][1])
+        if rows and self.on_written is not None:
+            self.on_written({row[2] for row in rows}, rows[0][1])
         self.written += len(written)
         self.batches += 1
         lost = [f.job_id for f in batch if f.job_id not in written]

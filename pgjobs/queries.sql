@@ -600,7 +600,7 @@ notified AS (
           HAVING count(*) > 0) AS e
     WHERE %(events)s
 )
-SELECT f.id, s.released FROM finished AS f CROSS JOIN notified CROSS JOIN settled AS s;
+SELECT f.id, s.released, f.queue FROM finished AS f CROSS JOIN notified CROSS JOIN settled AS s;
 
 
 -- name: set_progress

@@ -176,7 +176,6 @@ class Worker:
         self._limited: frozenset[str] = frozenset()
         self._limited_checked_at = 0.0
         self._leases_checked_at = 0.0
-        self._recheck: set[_Group] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._due_at: float | None = None
         self._next_due: float | None = None
@@ -259,7 +258,7 @@ class Worker:
             events=lambda: maintenance.events,
         )
         # Jobs whose parents just finished became runnable: claim now (workers never NOTIFY).
-        self._completions.on_released = lambda released: self._on_jobs("", released)
+        self._completions.on_written = self._on_written
         self._completions_task = asyncio.create_task(self._completions.run())
         if self.listen:
             self.listener = Listener(
@@ -671,31 +670,18 @@ class Worker:
         self._start_buffered()
         if group.more and group.refill_since is None:
             group.refill_since = time.monotonic()
-        if running.job.queue in self._limited:
-            self._claim_after_flush(group)
         self._poke()
 
-    def _claim_after_flush(self, group: _Group) -> None:
-        """A job of a limited queue finished: once its outcome is written there is room
-        under the queue's limit, so claim again then (not at the next poll)."""
-        if self._completions is None:
-            return
-        waiting = bool(self._recheck)
-        self._recheck.add(group)
-        if waiting:
-            return  # the flush already awaited covers this outcome too
-        completions = self._completions
-
-        async def recheck() -> None:
-            try:
-                await completions.flush()
-            finally:
-                groups, self._recheck = self._recheck, set()
-            for waiter in groups:
-                waiter.dirty = True
+    def _on_written(self, queues: set[str], released: int) -> None:
+        """A batch of outcomes is written: children it released are runnable (claim in
+        every group), and a finished job of a limited queue left room under its limit."""
+        limited = queues & self._limited
+        if released:
+            self._all_dirty()
+        for queue in limited:
+            self._group_of[queue].dirty = True
+        if released or limited:
             self._poke()
-
-        self._spawn(recheck())
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run ``coro`` on the loop, keeping a reference until it is done (the loop keeps
