@@ -1,7 +1,9 @@
-"""Helpers of the worker tests: real ``pgjobs work`` processes, waited on with deadlines.
+"""Real ``pgjobs work`` processes for the tests, waited on with deadlines, and the test
+applications pointed at one test's database.
 
-The fixtures that use them (``ledger``, ``wapp``, ``workers``) are in this folder's
-conftest.py; every process started (and every child of a supervisor) is killed at teardown.
+Each test folder's conftest.py builds its fixtures from these (``workers``,
+``flow_workers``, …); every process started (and every child of a supervisor) is killed at
+teardown.
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
 
-ROOT = Path(__file__).resolve().parents[2]
+import pgjobs
+
+ROOT = Path(__file__).resolve().parents[1]
 APP = "tests.worker.worker_app:app"
 HEARTBEAT_INTERVAL = 0.5
 HEARTBEAT_TIMEOUT = 3.0
@@ -74,29 +78,33 @@ class WorkerProcess:
 class Workers:
     """Starts worker processes against one test database."""
 
-    def __init__(self, url: str, tmp_path: Path, app: str = APP) -> None:
+    def __init__(self, url: str, tmp_path: Path, app: str = APP, queues: str = "q") -> None:
         self.url = url
         self.tmp_path = tmp_path
         self.app = app
+        self.queues = queues
         self.started: list[WorkerProcess] = []
 
     def start(
         self,
         *args: str,
-        queues: str = "q",
+        queues: str | None = None,
         concurrency: int = 4,
+        processes: int = 1,
         poll_interval: float = 0.2,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
         wait_ready: bool = True,
         log_level: str = "INFO",
     ) -> WorkerProcess:
-        """Start ``pgjobs work`` with the test app; wait until it is registered and
-        listening unless ``wait_ready`` is false."""
+        """Start ``pgjobs work`` with the test app (``processes`` of them under a
+        supervisor); wait until it is registered and listening unless ``wait_ready`` is
+        false."""
         argv = [
             sys.executable, "-m", "pgjobs", "--database-url", self.url,
             "--app", self.app, "work",
-            "--queues", queues, "--concurrency", str(concurrency),
+            "--queues", queues or self.queues, "--concurrency", str(concurrency),
+            "--processes", str(processes),
             "--poll-interval", str(poll_interval),
             "--heartbeat-interval", str(heartbeat_interval),
             "--heartbeat-timeout", str(heartbeat_timeout),
@@ -109,11 +117,12 @@ class Workers:
         proc = WorkerProcess(popen, log_path)
         self.started.append(proc)
         if wait_ready:
-            self.wait_ready(proc)
+            self.wait_ready(proc, processes)
         return proc
 
-    def wait_ready(self, proc: WorkerProcess, timeout: float = 30.0) -> None:
-        """Until the worker's row exists and its listener listens."""
+    def wait_ready(self, proc: WorkerProcess, processes: int = 1, timeout: float = 30.0) -> None:
+        """Until the worker's row exists (a supervisor's: its children's rows) and it
+        listens."""
         with psycopg.connect(self.url, autocommit=True) as conn:
 
             def ready() -> bool:
@@ -121,9 +130,12 @@ class Workers:
                     raise AssertionError(
                         f"worker exited with {proc.popen.returncode}:\n{proc.log()}"
                     )
-                registered = scalar(
-                    conn, "SELECT count(*) FROM pgjobs.workers WHERE pid = %s", (proc.pid,)
-                )
+                if processes > 1:
+                    registered = scalar(conn, "SELECT count(*) >= %s FROM pgjobs.workers",
+                                        (processes,))  # fmt: skip
+                else:
+                    query = "SELECT count(*) > 0 FROM pgjobs.workers WHERE pid = %s"
+                    registered = scalar(conn, query, (proc.pid,))
                 return bool(registered) and "listening" in proc.log()
 
             wait_until(ready, timeout, f"worker {proc.pid} ready")
@@ -136,6 +148,19 @@ class Workers:
             if proc.popen.poll() is None:
                 proc.popen.kill()
             proc.popen.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def app_on(app: pgjobs.App, url: str) -> Iterator[pgjobs.App]:
+    """``app`` (the App of a test application module, which workers import afresh)
+    pointed at the database ``url`` for one test, its pools closed before and after."""
+    app.close()
+    app._database_url = url
+    app._resolved_url = None
+    try:
+        yield app
+    finally:
+        app.close()
 
 
 def _children(pid: int) -> list[int]:

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dash_helpers import LiveServer, WorkerProcesses
+from dash_helpers import APP, LiveServer
 from starlette.testclient import TestClient
+from worker_processes import Workers, app_on
 
 import pgjobs
 from pgjobs.dashboard import create_app
@@ -24,11 +25,8 @@ def dapp(db_url: str) -> Iterator[pgjobs.App]:
     """The dashboard tests' application, on this test's database."""
     import dash_app
 
-    dash_app.app.close()
-    dash_app.app._database_url = db_url
-    dash_app.app._resolved_url = None
-    yield dash_app.app
-    dash_app.app.close()
+    with app_on(dash_app.app, db_url) as app:
+        yield app
 
 
 @pytest.fixture
@@ -54,13 +52,14 @@ def serve() -> Iterator[Callable[[Any], LiveServer]]:
 
 
 @pytest.fixture
-def workers(db_url: str, tmp_path: Path) -> Iterator[WorkerProcesses]:
-    """Start worker processes; all killed at teardown."""
-    started = WorkerProcesses(db_url, tmp_path)
+def workers(db_url: str, tmp_path: Path) -> Iterator[Workers]:
+    """Start worker processes of the dashboard app on queue ``dash``; all killed at
+    teardown."""
+    started = Workers(db_url, tmp_path, app=APP, queues="dash")
     try:
         yield started
     finally:
-        started.stop()
+        started.cleanup()
 
 
 def _install_chromium() -> None:

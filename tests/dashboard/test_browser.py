@@ -8,7 +8,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from dash_helpers import LiveServer, WorkerProcesses, subscribed, wait_until
+from dash_helpers import LiveServer, subscribed, wait_until
+from worker_processes import Workers
 
 import pgjobs
 from pgjobs.dashboard import create_app
@@ -28,7 +29,7 @@ def test_live_updates_and_retrying_a_dead_job_in_a_browser(
     dapp: pgjobs.App,
     conn: psycopg.Connection[Any],
     serve: Callable[[Any], LiveServer],
-    workers: WorkerProcesses,
+    workers: Workers,
     browser: Any,
 ) -> None:
     from dash_app import flaky, progress, quick

@@ -10,11 +10,12 @@ from typing import Any
 
 import httpx
 import psycopg
-from dash_helpers import LiveServer, WorkerProcesses, read_events, subscribed, wait_until
+from dash_helpers import LiveServer, read_events, subscribed, wait_until
 from ops_helpers import add_job
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.routing import Mount
+from worker_processes import Workers
 
 import pgjobs
 from pgjobs.dashboard import create_app, progress_app
@@ -31,7 +32,7 @@ def test_a_job_feed_streams_progress_until_the_job_succeeds(
     dapp: pgjobs.App,
     conn: psycopg.Connection[Any],
     serve: Callable[[Any], LiveServer],
-    workers: WorkerProcesses,
+    workers: Workers,
 ) -> None:
     from dash_app import progress
 
@@ -77,7 +78,7 @@ def test_the_overview_feed_sends_a_fresh_snapshot_when_jobs_change(
     dapp: pgjobs.App,
     conn: psycopg.Connection[Any],
     serve: Callable[[Any], LiveServer],
-    workers: WorkerProcesses,
+    workers: Workers,
 ) -> None:
     from dash_app import quick
 
@@ -104,7 +105,7 @@ def test_the_jobs_page_feed_carries_the_events_of_the_jobs_it_shows(
     dapp: pgjobs.App,
     conn: psycopg.Connection[Any],
     serve: Callable[[Any], LiveServer],
-    workers: WorkerProcesses,
+    workers: Workers,
 ) -> None:
     from dash_app import quick
 
@@ -126,7 +127,7 @@ def test_an_application_streams_progress_to_its_own_users(
     dapp: pgjobs.App,
     conn: psycopg.Connection[Any],
     serve: Callable[[Any], LiveServer],
-    workers: WorkerProcesses,
+    workers: Workers,
 ) -> None:
     from dash_app import progress
 
@@ -162,7 +163,7 @@ def _counter(samples: dict[Any, float], name: str, task: str) -> float:
 
 
 def test_a_worker_serves_its_own_metrics(
-    dapp: pgjobs.App, conn: psycopg.Connection[Any], workers: WorkerProcesses
+    dapp: pgjobs.App, conn: psycopg.Connection[Any], workers: Workers
 ) -> None:
     from dash_app import flaky, quick
 
@@ -186,7 +187,7 @@ def test_a_worker_serves_its_own_metrics(
 
 
 def test_supervised_workers_serve_one_sum_on_one_port(
-    dapp: pgjobs.App, conn: psycopg.Connection[Any], workers: WorkerProcesses
+    dapp: pgjobs.App, conn: psycopg.Connection[Any], workers: Workers
 ) -> None:
     from dash_app import quick
 

@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 from flow_helpers import FLOW_APP, Workers
+from worker_processes import app_on
 
 import pgjobs
 
@@ -30,11 +31,8 @@ def flow(db_url: str) -> Iterator[pgjobs.App]:
     """The flow test application, pointed at this test's database."""
     import flow_app
 
-    flow_app.app.close()
-    flow_app.app._database_url = db_url
-    flow_app.app._resolved_url = None
-    yield flow_app.app
-    flow_app.app.close()
+    with app_on(flow_app.app, db_url) as app:
+        yield app
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ running ``tests/flow/deps_app.py``."""
 
 from __future__ import annotations
 
-import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -12,16 +11,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from worker_processes import Workers, app_on, scalar, wait_until
 
 import pgjobs
 from pgjobs.queries import Queries
-
-# The worker tests' process helpers (wait_until, Workers) live beside their tests.
-_WORKER_TESTS = str(Path(__file__).resolve().parents[1] / "worker")
-if _WORKER_TESTS not in sys.path:
-    sys.path.insert(0, _WORKER_TESTS)
-
-from worker_helpers import Workers, scalar, wait_until  # noqa: E402 (needs the path)
 
 __all__ = ["Workers", "scalar", "wait_until"]
 
@@ -99,11 +92,8 @@ def deps(db_url: str) -> Iterator[pgjobs.App]:
     """The dependency tests' application (tests/flow/deps_app.py), on this test's database."""
     import deps_app
 
-    deps_app.app.close()
-    deps_app.app._database_url = db_url
-    deps_app.app._resolved_url = None
-    yield deps_app.app
-    deps_app.app.close()
+    with app_on(deps_app.app, db_url) as app:
+        yield app
 
 
 @pytest.fixture

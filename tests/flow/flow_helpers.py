@@ -3,16 +3,11 @@ tests/flow/flow_app.py (killed at teardown), the flow_log table, and overlap cou
 
 from __future__ import annotations
 
-import sys
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import psycopg
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "worker"))
-
-from worker_helpers import Workers, scalar, wait_until
+from worker_processes import Workers, scalar, wait_until
 
 FLOW_APP = "tests.flow.flow_app:app"
 

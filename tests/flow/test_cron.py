@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
-from cron_helpers import CronWorkers, scalar, slots_of, wait_until
+from cron_helpers import APP, Workers, scalar, slots_of, wait_until
 from typer.testing import CliRunner
 
 import pgjobs
@@ -592,8 +592,8 @@ def test_cron_list(db_url: str, conn: psycopg.Connection[Any]) -> None:
 
 
 @pytest.fixture
-def cron_workers(db_url: str, tmp_path: Path) -> Iterator[CronWorkers]:
-    started = CronWorkers(db_url, tmp_path)
+def cron_workers(db_url: str, tmp_path: Path) -> Iterator[Workers]:
+    started = Workers(db_url, tmp_path, app=APP, queues="cron")
     try:
         yield started
     finally:
@@ -602,7 +602,7 @@ def cron_workers(db_url: str, tmp_path: Path) -> Iterator[CronWorkers]:
 
 @pytest.mark.slow
 def test_three_workers_every_second_exactly_once_with_a_sigkill(
-    db_url: str, conn: psycopg.Connection[Any], cron_workers: CronWorkers
+    db_url: str, conn: psycopg.Connection[Any], cron_workers: Workers
 ) -> None:
     workers = [cron_workers.start() for _ in range(3)]
     names = ("tick.cron", "tick.every")
@@ -611,8 +611,8 @@ def test_three_workers_every_second_exactly_once_with_a_sigkill(
         return min(len(slots_of(conn, n)) for n in names)
 
     wait_until(lambda: slots_seen() >= 15, 60, "15 slots of each schedule")
-    workers[0].send_signal(signal.SIGKILL)
-    workers[0].wait(timeout=10)
+    workers[0].signal(signal.SIGKILL)
+    workers[0].wait(10)
     killed_at = db_now(conn)
     wait_until(lambda: slots_seen() >= 30, 60, "30 slots of each schedule")
     # Its jobs are rescued once its heartbeat expires (3 s): nothing old is left unfinished.
@@ -622,9 +622,9 @@ def test_three_workers_every_second_exactly_once_with_a_sigkill(
     )
     wait_until(lambda: scalar(conn, unfinished) == 0, 30, "old jobs finished")
     for proc in workers[1:]:
-        proc.send_signal(signal.SIGTERM)
+        proc.signal(signal.SIGTERM)
     for proc in workers[1:]:
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(30) == 0
     for name in names:
         slots = slots_of(conn, name)
         times = [slot for slot, _ in slots]

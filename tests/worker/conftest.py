@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 from worker_app import LEDGER_DDL
-from worker_helpers import Workers
+from worker_processes import Workers, app_on
 
 import pgjobs
 
@@ -28,11 +28,8 @@ def wapp(db_url: str) -> Iterator[pgjobs.App]:
     """The worker test application, enqueueing into this test's database."""
     import worker_app
 
-    worker_app.app.close()
-    worker_app.app._database_url = db_url
-    worker_app.app._resolved_url = None
-    yield worker_app.app
-    worker_app.app.close()
+    with app_on(worker_app.app, db_url) as app:
+        yield app
 
 
 @pytest.fixture

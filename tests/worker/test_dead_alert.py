@@ -8,7 +8,7 @@ from typing import Any
 
 import psycopg
 from typer.testing import CliRunner
-from worker_helpers import Workers, scalar, wait_until
+from worker_processes import Workers, scalar, wait_until
 
 import pgjobs
 from pgjobs.cli import cli

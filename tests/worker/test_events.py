@@ -8,7 +8,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from worker_helpers import Workers, wait_until
+from worker_processes import Workers, wait_until
 
 import pgjobs
 from pgjobs.settings import events_application_name, events_channel_for

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import psycopg
-from worker_helpers import Workers, scalar, wait_until
+from worker_processes import Workers, scalar, wait_until
 
 import pgjobs
 

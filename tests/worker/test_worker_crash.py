@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 import psycopg
-from worker_helpers import HEARTBEAT_TIMEOUT, Workers, scalar, wait_until
+from worker_processes import HEARTBEAT_TIMEOUT, Workers, scalar, wait_until
 
 import pgjobs
 
