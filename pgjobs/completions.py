@@ -168,6 +168,9 @@ class Completions:
                 await self._write([_unstorable(finish, exc)])
 
     def _params(self, batch: list[Finish]) -> dict[str, Any]:
+        # In id order: finish_jobs then locks its rows in id order (no deadlock between
+        # overlapping batches).
+        batch = sorted(batch, key=_job_id)
         return {
             "id": [f.job_id for f in batch],
             "lease_token": [f.lease_token for f in batch],
@@ -192,6 +195,10 @@ class Completions:
             with contextlib.suppress(psycopg.Error):
                 await self._conn.close()
             self._conn = None
+
+
+def _job_id(finish: Finish) -> int:
+    return finish.job_id
 
 
 def _unstorable(finish: Finish, exc: psycopg.Error) -> Finish:

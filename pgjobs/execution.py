@@ -18,9 +18,8 @@ import asyncio
 import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from pgjobs.context import JobContext
 from pgjobs.enqueue import to_json
@@ -31,11 +30,13 @@ from pgjobs.threads import ElasticThreadPool
 
 MESSAGE_LIMIT = 2_000
 TRACEBACK_LIMIT = 8_000
+# What a job may return instead of raising.
+_OUTCOMES = (Retry, Snooze, Cancel)
 
 
-@dataclass(frozen=True, slots=True)
-class ClaimedJob:
-    """A job as the claim statement hands it to the worker."""
+class ClaimedJob(NamedTuple):
+    """A job as the claim statement hands it to the worker. (Tuples: a worker makes one
+    per job, and a tuple costs a third of a frozen dataclass to build.)"""
 
     id: int
     queue: str
@@ -50,12 +51,12 @@ class ClaimedJob:
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> ClaimedJob:
         """From a row of ``claim_jobs`` (its last column, ``next_due``, is not the job's)."""
-        return cls(*row[:9])
+        return cls._make(row[:9])
 
 
-@dataclass(frozen=True, slots=True)
-class Finish:
-    """One attempt's outcome, as ``finish_jobs`` writes it (fenced by ``lease_token``)."""
+class Finish(NamedTuple):
+    """One attempt's outcome, as ``finish_jobs`` writes it (fenced by ``lease_token``).
+    ``note`` says, for logs and metrics, why (snoozed, retry, dead, unknown task)."""
 
     job_id: int
     lease_token: uuid.UUID
@@ -64,7 +65,7 @@ class Finish:
     delay: float | None = None
     error: str | None = None
     refund: int = 0
-    note: str = field(default="", compare=False)
+    note: str = ""
 
 
 def succeeded(job: ClaimedJob, result: Any) -> Finish:
@@ -157,6 +158,8 @@ class Executor:
         else:
             # shield: on timeout the thread cannot be stopped, only abandoned.
             call = asyncio.shield(asyncio.wrap_future(self.threads.submit(task.fn, **kwargs)))
+        if timeout is None:
+            return await call
         try:
             return await asyncio.wait_for(call, timeout)
         except TimeoutError:
@@ -168,7 +171,7 @@ class Executor:
 
     def classify_value(self, job: ClaimedJob, task: Task[Any, Any], value: Any) -> Finish:
         """The outcome of a job that returned ``value``."""
-        if isinstance(value, Retry | Snooze | Cancel):
+        if isinstance(value, _OUTCOMES):
             return self.classify_exception(job, task, value)
         try:
             return succeeded(job, value)

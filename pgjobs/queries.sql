@@ -521,8 +521,10 @@ WHERE (SELECT count(*) FROM claimed) < %(limit)s;
 -- name: finish_jobs
 -- Write the outcomes of a batch of attempts in one statement: succeeded (with result),
 -- retryable/scheduled/available (with a delay), dead, cancelled. `refund` gives an attempt
--- back (snooze, hand-back on shutdown). Rows are locked in id order first, so two batches
--- over overlapping jobs (a zombie and the job's new holder) cannot deadlock. The worker's
+-- back (snooze, hand-back on shutdown). The worker sends a batch in id order and each row
+-- is reached through the primary key, so rows are locked in id order and two batches over
+-- the same jobs (a zombie and the job's new holder) cannot deadlock; no scan of running
+-- jobs, whose dead index entries grow with every job since the last vacuum. The worker's
 -- counters are bumped in the same statement.
 -- Dependencies: a job that reached a final state settles the jobs waiting for it
 -- (settle_dependents, migration 0003). Its `dependents` come from the UPDATE's RETURNING:
@@ -535,14 +537,6 @@ WITH outcome AS (
     FROM unnest(%(id)b::bigint[], %(lease_token)b::uuid[], %(state)b::text[],
                 %(result)b::text[], %(delay)b::float8[], %(error)b::text[], %(refund)b::int4[])
          AS o(id, lease_token, state, result, delay, error, refund)
-),
-locked AS MATERIALIZED (
-    SELECT j.id
-    FROM {schema}.jobs AS j
-    JOIN outcome AS o ON o.id = j.id AND o.lease_token = j.lease_token
-    WHERE j.state = 'running'
-    ORDER BY j.id
-    FOR NO KEY UPDATE OF j
 ),
 finished AS (
     UPDATE {schema}.jobs AS j
@@ -557,7 +551,6 @@ finished AS (
         finished_at = CASE WHEN o.state IN ('succeeded', 'dead', 'cancelled') THEN now() END,
         lease_token = NULL
     FROM outcome AS o
-    JOIN locked ON locked.id = o.id
     WHERE j.id = o.id AND j.lease_token = o.lease_token AND j.state = 'running'
     RETURNING j.id, o.state, j.queue, j.task, j.attempts + o.refund AS attempt,
               CASE WHEN o.state IN ('succeeded', 'dead', 'cancelled') THEN o.state

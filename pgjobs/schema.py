@@ -67,7 +67,10 @@ jobs = Table(
     Column("waiting_for", ARRAY(BigInteger)),
     Column("dependents", ARRAY(BigInteger)),
     Column("on_parent_failure", Text),
-    CheckConstraint("queue ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$'", name="jobs_queue_name"),
+    CheckConstraint(
+        "octet_length(queue) <= 128 AND queue ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]*$'",
+        name="jobs_queue_name",
+    ),
     CheckConstraint("length(task) BETWEEN 1 AND 255", name="jobs_task_name"),
     CheckConstraint("priority BETWEEN -100 AND 100", name="jobs_priority_range"),
     CheckConstraint(
@@ -158,7 +161,10 @@ queues = Table(
     Column("rate_limit", Integer),
     Column("rate_period", INTERVAL),
     Column("limit_per_key", Boolean, nullable=False, server_default=text("false")),
-    CheckConstraint("name ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$'", name="queues_name"),
+    CheckConstraint(
+        "octet_length(name) <= 128 AND name ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]*$'",
+        name="queues_name",
+    ),
     CheckConstraint("paused = (paused_at IS NOT NULL)", name="queues_paused_at_iff_paused"),
     CheckConstraint(
         "dead_alert_threshold IS NULL OR dead_alert_threshold >= 1",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import random
@@ -70,9 +71,11 @@ _LIMITED_SCAN_EXTRA = 200
 # A worker too busy to sleep re-reads which queues are limited every this many poll
 # intervals (an idle one every interval, before it sleeps).
 _LIMITS_REFRESH_BUSY = 3.0
+# Net container allocations between two young garbage collections (see _tune_gc).
+_GC_YOUNG_THRESHOLD = 50_000
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Running:
     job: ClaimedJob
     ctx: JobContext
@@ -190,12 +193,19 @@ class Worker:
         self._completions_task: asyncio.Task[None] | None = None
         self._listener_task: asyncio.Task[None] | None = None
         self._scheduler: Scheduler | None = None
+        # Read once: a per-job log.debug call costs more than some jobs.
+        self._debug = log.isEnabledFor(logging.DEBUG)
 
     # -- public --------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Run until stopped; SIGTERM/SIGINT stop gracefully when called on the main thread."""
+        """Run until stopped; SIGTERM/SIGINT stop gracefully when called on the main thread.
+
+        On the main thread the worker owns the process, and tunes its garbage collector
+        for it (see :func:`_tune_gc`)."""
         on_main = threading.current_thread() is threading.main_thread()
+        if on_main:
+            _tune_gc()
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(self.run_async(handle_signals=on_main))
 
@@ -654,13 +664,14 @@ class Worker:
             self.observer.finished(running.job, finish, time.monotonic() - began)
         if finish.delay is not None:
             self._note_due(finish.delay)
-        log.debug(
-            "job %s (%s) attempt %s: %s",
-            running.job.id,
-            running.job.task,
-            running.job.attempts,
-            finish.note or finish.state,
-        )
+        if self._debug:
+            log.debug(
+                "job %s (%s) attempt %s: %s",
+                running.job.id,
+                running.job.task,
+                running.job.attempts,
+                finish.note or finish.state,
+            )
 
     def _slot_freed(self, running: _Running) -> None:
         if self._running.get(running.job.id) is running:
@@ -757,6 +768,23 @@ class Worker:
 
 def _interrupted(running: _Running, worker: str, message: str) -> str:
     return error_entry(running.job, worker, None, "pgjobs.WorkerShutdown", message)
+
+
+def _tune_gc() -> None:
+    """Keep the cyclic garbage collector off the per-job path of a worker process.
+
+    Every job allocates a few container objects (its task, context, outcome) that live for
+    one claim batch; with the default gen0 threshold of 700 they are caught alive by
+    collections, promoted, and then repeatedly traversed together with everything the
+    application imported: a quarter of the worker's CPU per job in a drain. What exists
+    now (modules, the app) is frozen out of collection, and young collections run after
+    50,000 net allocations instead of 700. Cycles are still collected, only in larger
+    batches.
+    """
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(_GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

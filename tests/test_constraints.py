@@ -60,6 +60,26 @@ CHECK_CASES = {
         "INSERT INTO pgjobs.jobs (task, queue) VALUES ('t', 'bad queue')",
         "jobs_queue_name",
     ),
+    "queue name of 129 characters": (
+        "INSERT INTO pgjobs.jobs (task, queue) VALUES ('t', repeat('q', 129))",
+        "jobs_queue_name",
+    ),
+    "queue name starting with a dot": (
+        "INSERT INTO pgjobs.jobs (task, queue) VALUES ('t', '.q')",
+        "jobs_queue_name",
+    ),
+    "empty queue name": (
+        "INSERT INTO pgjobs.jobs (task, queue) VALUES ('t', '')",
+        "jobs_queue_name",
+    ),
+    "non-ASCII queue name": (
+        "INSERT INTO pgjobs.jobs (task, queue) VALUES ('t', 'café')",
+        "jobs_queue_name",
+    ),
+    "bad name in queues": (
+        "INSERT INTO pgjobs.queues (name) VALUES ('a b')",
+        "queues_name",
+    ),
     "SQL in queue name": (
         "INSERT INTO pgjobs.jobs (task, queue) VALUES ('t', 'x''; DROP TABLE jobs; --')",
         "jobs_queue_name",
@@ -125,6 +145,14 @@ def test_valid_rows_in_every_state_are_accepted(tx: psycopg.Connection[Any]) -> 
     )
     row = tx.execute("SELECT count(DISTINCT state) FROM pgjobs.jobs").fetchone()
     assert row == (8,)
+
+
+def test_queue_names_at_the_limits_are_accepted(tx: psycopg.Connection[Any]) -> None:
+    tx.execute(
+        "INSERT INTO pgjobs.jobs (task, queue) "
+        "VALUES ('t', repeat('q', 128)), ('t', '_'), ('t', '0a.b:c-d_E')"
+    )
+    tx.execute("INSERT INTO pgjobs.queues (name) VALUES (repeat('q', 128))")
 
 
 def test_one_live_job_per_unique_key(tx: psycopg.Connection[Any]) -> None:
