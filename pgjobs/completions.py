@@ -175,10 +175,10 @@ class Completions:
             "id": [f.job_id for f in batch],
             "lease_token": [f.lease_token for f in batch],
             "state": [f.state for f in batch],
-            "result": [f.result for f in batch],
-            "delay": [f.delay for f in batch],
-            "error": [f.error for f in batch],
-            "refund": [f.refund for f in batch],
+            "result": _trimmed([f.result for f in batch]),
+            "delay": _trimmed([f.delay for f in batch]),
+            "error": _trimmed([f.error for f in batch]),
+            "refund": _trimmed([f.refund or None for f in batch]),
             "worker": self.worker,
             "events": self.events(),
             "events_channel": self.events_channel,
@@ -195,6 +195,14 @@ class Completions:
             with contextlib.suppress(psycopg.Error):
                 await self._conn.close()
             self._conn = None
+
+
+def _trimmed(values: list[Any]) -> list[Any]:
+    """``values`` without its trailing Nones (finish_jobs pads the column with NULLs)."""
+    end = len(values)
+    while end and values[end - 1] is None:
+        end -= 1
+    return values if end == len(values) else values[:end]
 
 
 def _job_id(finish: Finish) -> int:

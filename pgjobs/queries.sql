@@ -533,7 +533,10 @@ WHERE (SELECT count(*) FROM claimed) < %(limit)s;
 -- the function call entirely. Every row returned carries `released`: how many children
 -- became runnable now (the worker then claims again at once).
 WITH outcome AS (
-    SELECT *
+    -- result, delay, error and refund may be shorter than id (trailing NULLs left off:
+    -- a batch of plain successes sends them empty), and unnest pads them with NULLs.
+    SELECT o.id, o.lease_token, o.state, o.result, o.delay, o.error,
+           coalesce(o.refund, 0) AS refund
     FROM unnest(%(id)b::bigint[], %(lease_token)b::uuid[], %(state)b::text[],
                 %(result)b::text[], %(delay)b::float8[], %(error)b::text[], %(refund)b::int4[])
          AS o(id, lease_token, state, result, delay, error, refund)

@@ -3,6 +3,7 @@ hostile plan, fencing of every write by lease token, rescue rules."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import uuid
 from typing import Any
@@ -173,3 +174,47 @@ def test_rescue_spares_live_workers_and_buries_jobs_out_of_attempts(
     # A running job whose worker row vanished is rescued too.
     conn.execute("DELETE FROM pgjobs.workers WHERE id = 'alive'")
     assert conn.execute(Q.rescue_jobs, {"timeout": 5}).fetchone() == (1, 0, 0)
+
+
+async def test_one_batch_writes_every_kind_of_outcome_to_its_own_row(
+    db_url: str, conn: psycopg.Connection[Any], jobs: pgjobs.Task[Any, Any]
+) -> None:
+    """Completions leave off trailing empty columns of a batch (finish_jobs pads them):
+    mixed batches, with the extra columns on any row, still land on the right rows."""
+    from pgjobs.completions import Completions
+    from pgjobs.execution import Finish
+    from pgjobs.worker_db import connect_async
+
+    _register(conn, "w1")
+    jobs.enqueue_many([{"i": i} for i in range(6)])
+    claimed = _claim(conn, 6, ["q"])
+    ids = sorted(row[0] for row in claimed)
+    token = {row[0]: row[8] for row in claimed}
+    completions = Completions(Q, "w1", lambda: connect_async(db_url, "test"))
+    outcomes = [
+        Finish(ids[0], token[ids[0]], "retryable", delay=30.0, error='{"type": "E"}'),
+        Finish(ids[1], token[ids[1]], "succeeded"),
+        Finish(ids[2], token[ids[2]], "succeeded", result='{"n": 2}'),
+        Finish(ids[3], token[ids[3]], "succeeded"),
+        Finish(ids[4], token[ids[4]], "scheduled", delay=60.0, refund=1),
+        Finish(ids[5], token[ids[5]], "succeeded"),
+    ]
+    writer = asyncio.create_task(completions.run())
+    for finish in reversed(outcomes):  # out of id order: the batch is sorted before writing
+        completions.add(finish)
+    await asyncio.wait_for(completions.close(), 10)
+    await asyncio.wait_for(writer, 10)
+    assert completions.batches == 1
+    assert completions.written == 6
+    rows = conn.execute(
+        "SELECT id, state::text, result, attempts, jsonb_array_length(errors), "
+        "run_at > now() + interval '20 s' FROM pgjobs.jobs ORDER BY id"
+    ).fetchall()
+    assert rows == [
+        (ids[0], "retryable", None, 1, 1, True),
+        (ids[1], "succeeded", None, 1, 0, False),
+        (ids[2], "succeeded", {"n": 2}, 1, 0, False),
+        (ids[3], "succeeded", None, 1, 0, False),
+        (ids[4], "scheduled", None, 0, 0, True),
+        (ids[5], "succeeded", None, 1, 0, False),
+    ]
