@@ -13,7 +13,6 @@ from typing import Any
 import bench_common as bc
 
 import pgjobs
-from pgjobs import migrate
 
 DB = "bench_pgjobs"
 URL = bc.pg_dsn(DB)
@@ -32,7 +31,7 @@ class Adapter:
 
     name = "pgjobs"
     durability = "PG fsync+sync_commit; logged tables"
-    default_concurrency = 100
+    default_concurrency = 500
 
     def __init__(self, args: Any) -> None:
         self.settings = {
@@ -46,6 +45,10 @@ class Adapter:
         return pgjobs.__version__
 
     def reset(self) -> None:
+        # Imported here: the worker processes import this module as their app, and need
+        # no migration machinery.
+        from pgjobs import migrate
+
         app.close()
         bc.recreate_db(DB)
         migrate.upgrade(URL)
