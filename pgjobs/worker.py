@@ -238,7 +238,19 @@ class Worker:
 
     async def _start(self) -> None:
         url = await asyncio.to_thread(lambda: self.app.database_url)
-        self._conn = await connect_async(url, APPLICATION_NAME, durable=False, generic_plans=True)
+        if self.listen:
+            # Connecting and LISTEN go on while the rest starts (the first claim waits for
+            # them, see _await_listener).
+            self.listener = Listener(
+                url,
+                self.app.channel,
+                self.queues,
+                self._on_jobs,
+                self._on_listener_connect,
+                control_channel=control_channel_for(self.app.schema),
+                on_cancel=self._on_cancel,
+            )
+            self._listener_task = asyncio.create_task(self.listener.run())
         self._maintenance = Maintenance(
             url,
             self.app.queries,
@@ -250,7 +262,17 @@ class Worker:
             prune_interval=self.prune_interval,
             on_dead_alert=self.app._dead_alert,
         )
-        await asyncio.to_thread(self._maintenance.start)
+        # The claim connection and the worker's registration, at once.
+        conn, registered = await asyncio.gather(
+            connect_async(url, APPLICATION_NAME, durable=False, generic_plans=True),
+            asyncio.to_thread(self._maintenance.start),
+            return_exceptions=True,
+        )
+        if isinstance(conn, psycopg.AsyncConnection):
+            self._conn = conn
+        for outcome in (registered, conn):
+            if isinstance(outcome, BaseException):
+                raise outcome
         if self.app.periodics and not self.burst:
             # Periodic jobs: every worker schedules them (on a thread; see pgjobs.cron).
             notify = getattr(self.app.writer, "notify", True)
@@ -270,17 +292,6 @@ class Worker:
         # Jobs whose parents just finished became runnable: claim now (workers never NOTIFY).
         self._completions.on_written = self._on_written
         self._completions_task = asyncio.create_task(self._completions.run())
-        if self.listen:
-            self.listener = Listener(
-                url,
-                self.app.channel,
-                self.queues,
-                self._on_jobs,
-                self._on_listener_connect,
-                control_channel=control_channel_for(self.app.schema),
-                on_cancel=self._on_cancel,
-            )
-            self._listener_task = asyncio.create_task(self.listener.run())
         log.info(
             "worker %s started: queues %s, prefetch %d",
             self.id,
@@ -781,7 +792,6 @@ def _tune_gc() -> None:
     50,000 net allocations instead of 700. Cycles are still collected, only in larger
     batches.
     """
-    gc.collect()
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(_GC_YOUNG_THRESHOLD, older, oldest)
