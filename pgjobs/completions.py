@@ -14,6 +14,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from operator import attrgetter
 from typing import Any
 
 import psycopg
@@ -170,7 +171,7 @@ class Completions:
     def _params(self, batch: list[Finish]) -> dict[str, Any]:
         # In id order: finish_jobs then locks its rows in id order (no deadlock between
         # overlapping batches).
-        batch = sorted(batch, key=_job_id)
+        batch = sorted(batch, key=attrgetter("job_id"))
         return {
             "id": [f.job_id for f in batch],
             "lease_token": [f.lease_token for f in batch],
@@ -203,10 +204,6 @@ def _trimmed(values: list[Any]) -> list[Any]:
     while end and values[end - 1] is None:
         end -= 1
     return values if end == len(values) else values[:end]
-
-
-def _job_id(finish: Finish) -> int:
-    return finish.job_id
 
 
 def _unstorable(finish: Finish, exc: psycopg.Error) -> Finish:

@@ -28,6 +28,13 @@ from sqlalchemy.dialects.postgresql import ARRAY, INTERVAL, JSONB, UUID
 from pgjobs.job import JobState
 from pgjobs.settings import DEFAULT_SCHEMA
 
+
+def _queue_name_rule(column: str) -> str:
+    """The queue-name CHECK (migration pgjobs_0004): no bounded repetition in the regex,
+    which would cost every UPDATE of the row about 3 us."""
+    return f"octet_length({column}) <= 128 AND {column} ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]*$'"
+
+
 metadata = MetaData(schema=DEFAULT_SCHEMA)
 
 job_state = Enum(
@@ -67,10 +74,7 @@ jobs = Table(
     Column("waiting_for", ARRAY(BigInteger)),
     Column("dependents", ARRAY(BigInteger)),
     Column("on_parent_failure", Text),
-    CheckConstraint(
-        "octet_length(queue) <= 128 AND queue ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]*$'",
-        name="jobs_queue_name",
-    ),
+    CheckConstraint(_queue_name_rule("queue"), name="jobs_queue_name"),
     CheckConstraint("length(task) BETWEEN 1 AND 255", name="jobs_task_name"),
     CheckConstraint("priority BETWEEN -100 AND 100", name="jobs_priority_range"),
     CheckConstraint(
@@ -161,10 +165,7 @@ queues = Table(
     Column("rate_limit", Integer),
     Column("rate_period", INTERVAL),
     Column("limit_per_key", Boolean, nullable=False, server_default=text("false")),
-    CheckConstraint(
-        "octet_length(name) <= 128 AND name ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]*$'",
-        name="queues_name",
-    ),
+    CheckConstraint(_queue_name_rule("name"), name="queues_name"),
     CheckConstraint("paused = (paused_at IS NOT NULL)", name="queues_paused_at_iff_paused"),
     CheckConstraint(
         "dead_alert_threshold IS NULL OR dead_alert_threshold >= 1",

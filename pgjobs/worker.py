@@ -36,7 +36,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +71,7 @@ _LIMITED_SCAN_EXTRA = 200
 # A worker too busy to sleep re-reads which queues are limited every this many poll
 # intervals (an idle one every interval, before it sleeps).
 _LIMITS_REFRESH_BUSY = 3.0
-# Net container allocations between two young garbage collections (see _tune_gc).
+# Net container allocations between two young garbage collections (see _tuned_gc).
 _GC_YOUNG_THRESHOLD = 50_000
 
 
@@ -193,8 +193,7 @@ class Worker:
         self._completions_task: asyncio.Task[None] | None = None
         self._listener_task: asyncio.Task[None] | None = None
         self._scheduler: Scheduler | None = None
-        # Read once: a per-job log.debug call costs more than some jobs.
-        self._debug = log.isEnabledFor(logging.DEBUG)
+        self._debug = False
 
     # -- public --------------------------------------------------------------------------
 
@@ -202,17 +201,17 @@ class Worker:
         """Run until stopped; SIGTERM/SIGINT stop gracefully when called on the main thread.
 
         On the main thread the worker owns the process, and tunes its garbage collector
-        for it (see :func:`_tune_gc`)."""
+        for it while it runs (see :func:`_tuned_gc`)."""
         on_main = threading.current_thread() is threading.main_thread()
-        if on_main:
-            _tune_gc()
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with _tuned_gc(on_main), asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(self.run_async(handle_signals=on_main))
 
     async def run_async(self, *, handle_signals: bool = False) -> None:
         """Run on the current event loop until stopped (or, with ``burst``, out of work)."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        # Read once per run: a per-job log.debug call costs more than some jobs.
+        self._debug = log.isEnabledFor(logging.DEBUG)
         try:
             await self._start()
             if handle_signals:
@@ -781,20 +780,29 @@ def _interrupted(running: _Running, worker: str, message: str) -> str:
     return error_entry(running.job, worker, None, "pgjobs.WorkerShutdown", message)
 
 
-def _tune_gc() -> None:
+@contextlib.contextmanager
+def _tuned_gc(enabled: bool) -> Iterator[None]:
     """Keep the cyclic garbage collector off the per-job path of a worker process.
 
     Every job allocates a few container objects (its task, context, outcome) that live for
     one claim batch; with the default gen0 threshold of 700 they are caught alive by
     collections, promoted, and then repeatedly traversed together with everything the
-    application imported: a quarter of the worker's CPU per job in a drain. What exists
-    now (modules, the app) is frozen out of collection, and young collections run after
-    50,000 net allocations instead of 700. Cycles are still collected, only in larger
-    batches.
+    application imported: a quarter of the worker's CPU per job in a drain. While the
+    worker runs, what existed at its start (modules, the app) is frozen out of collection,
+    and young collections run after 50,000 net allocations instead of 700; cycles are still
+    collected, only in larger batches. Both are undone when it stops.
     """
+    if not enabled:
+        yield
+        return
+    thresholds = gc.get_threshold()
     gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(_GC_YOUNG_THRESHOLD, older, oldest)
+    gc.set_threshold(_GC_YOUNG_THRESHOLD, *thresholds[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
