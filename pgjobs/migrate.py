@@ -16,6 +16,7 @@ from psycopg import sql
 from sqlalchemy import create_engine, pool
 from sqlalchemy.engine import Connection
 
+from pgjobs import database
 from pgjobs.database import libpq_url, sqlalchemy_url
 from pgjobs.settings import DEFAULT_SCHEMA, validate_schema
 
@@ -35,7 +36,14 @@ def _config(schema: str, url: str | None = None, buffer: io.StringIO | None = No
 
 @contextmanager
 def _connection(url: str) -> Iterator[Connection]:
-    engine = create_engine(sqlalchemy_url(url), poolclass=pool.NullPool)
+    # pgjobs connects, not SQLAlchemy: a server that is down or does not answer gives a
+    # one-line DatabaseError within the connect timeout, not a driver traceback or a hang.
+    target = libpq_url(url)
+    engine = create_engine(
+        "postgresql+psycopg://",
+        creator=lambda: database.connect(target, connect_timeout=database.CONNECT_TIMEOUT),
+        poolclass=pool.NullPool,
+    )
     try:
         with engine.connect() as conn:
             yield conn

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 import sqlalchemy
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -128,6 +129,22 @@ def test_downgrade_to_base_removes_everything_and_up_again_works(empty_db_url: s
     with pgjobs.App(empty_db_url, strict_tasks=False) as app:
         job_id = app.enqueue("after.reinstall", {"ok": True})
         assert app.get_job(job_id).task == "after.reinstall"  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(60)
+def test_migrating_a_database_that_is_down_fails_with_one_line() -> None:
+    for call in (migrate.upgrade, migrate.downgrade, migrate.current):
+        with pytest.raises(pgjobs.DatabaseError, match="cannot connect to the database"):
+            call(CLOSED_PORT_URL)
+    for args in (["migrate", "upgrade"], ["migrate", "current"], ["bench", "--jobs", "10"]):
+        result = CliRunner().invoke(
+            pgjobs_cli, ["--database-url", CLOSED_PORT_URL, *args], env={"PGJOBS_SCHEMA": None}
+        )
+        assert result.exit_code == 1, result.output
+        assert result.stderr.startswith("pgjobs: error: cannot connect to the database"), (
+            result.stderr
+        )
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_migrate_sql_needs_no_database_and_matches_upgrade(empty_db_url: str, db_url: str) -> None:
