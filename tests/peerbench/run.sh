@@ -3,6 +3,7 @@
 # on one server. The harness folder is read-only: copy it, add our adapter, run the copy.
 #   bash tests/peerbench/run.sh                          # pgjobs and PgQueuer, 1 run
 #   PEERS="pgjobs pgqueuer procrastinate" RUNS=3 bash tests/peerbench/run.sh
+#   PY_pgjobs=/path/to/venv312/bin/python bash tests/peerbench/run.sh   # pgjobs on another Python
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
