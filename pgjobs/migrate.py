@@ -16,20 +16,17 @@ from psycopg import sql
 from sqlalchemy import create_engine, pool
 from sqlalchemy.engine import Connection
 
-from pgjobs import database
-from pgjobs.database import libpq_url, sqlalchemy_url
+from pgjobs.database import CONNECT_TIMEOUT, connect, libpq_url
 from pgjobs.settings import DEFAULT_SCHEMA, validate_schema
 
 
-def _config(schema: str, url: str | None = None, buffer: io.StringIO | None = None) -> Config:
+def _config(schema: str, buffer: io.StringIO | None = None) -> Config:
     from pgjobs.migrations import LOCATION
 
     config = Config(output_buffer=buffer) if buffer is not None else Config()
     config.set_main_option("script_location", str(LOCATION))
     config.set_main_option("path_separator", "os")
     config.set_main_option("version_locations", str(LOCATION / "versions"))
-    if url is not None:
-        config.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
     config.attributes["pgjobs_schema"] = validate_schema(schema)
     return config
 
@@ -41,7 +38,7 @@ def _connection(url: str) -> Iterator[Connection]:
     target = libpq_url(url)
     engine = create_engine(
         "postgresql+psycopg://",
-        creator=lambda: database.connect(target, connect_timeout=database.CONNECT_TIMEOUT),
+        creator=lambda: connect(target, connect_timeout=CONNECT_TIMEOUT),
         poolclass=pool.NullPool,
     )
     try:

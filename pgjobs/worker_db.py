@@ -27,9 +27,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from pgjobs.errors import DatabaseError
-
-CONNECT_TIMEOUT = 10
+from pgjobs import database
 
 
 def worker_conninfo(
@@ -50,7 +48,7 @@ def worker_conninfo(
         keepalives_count=3,
         options=f"{options} -c default_transaction_isolation=read\\ committed".strip(),
     )
-    params.setdefault("connect_timeout", CONNECT_TIMEOUT)
+    params.setdefault("connect_timeout", database.CONNECT_TIMEOUT)
     return make_conninfo("", **params)
 
 
@@ -59,19 +57,9 @@ async def connect_async(
 ) -> psycopg.AsyncConnection[Any]:
     """A new autocommit async connection for the worker."""
     conninfo = worker_conninfo(url, name, durable=durable, generic_plans=generic_plans)
-    try:
-        return await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
-    except psycopg.OperationalError as exc:
-        raise DatabaseError(f"cannot connect to the database: {_one_line(exc)}") from exc
+    return await database.connect_async(conninfo, autocommit=True)
 
 
 def connect_sync(url: str, name: str) -> psycopg.Connection[Any]:
     """A new autocommit connection for the worker's threads."""
-    try:
-        return psycopg.Connection.connect(worker_conninfo(url, name), autocommit=True)
-    except psycopg.OperationalError as exc:
-        raise DatabaseError(f"cannot connect to the database: {_one_line(exc)}") from exc
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
+    return database.connect(worker_conninfo(url, name), autocommit=True)
