@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 import psycopg
@@ -37,7 +37,9 @@ APPLICATION_NAME = "pgjobs-listener"
 class Listener:
     """LISTEN on ``channel`` and call ``on_jobs(queue, n)`` for the served ``queues``;
     ``on_connect()`` after each successful (re)connect. With a ``control_channel``, also
-    call ``on_cancel(job_ids)`` for the jobs an operator cancelled while they ran."""
+    call ``on_cancel(job_ids)`` for the jobs an operator cancelled while they ran. After
+    each batch of notifications for served queues, ``on_notified(connection)`` is awaited
+    (the worker claims on it; an error it raises counts as a lost connection)."""
 
     def __init__(
         self,
@@ -52,6 +54,7 @@ class Listener:
         max_backoff: float = 5.0,
         control_channel: str | None = None,
         on_cancel: Callable[[list[int]], None] | None = None,
+        on_notified: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]] | None = None,
     ) -> None:
         self.url = url
         self.channel = channel
@@ -63,6 +66,7 @@ class Listener:
         self.max_backoff = max_backoff
         self.control_channel = control_channel
         self.on_cancel = on_cancel
+        self.on_notified = on_notified
         self.backend_pid: int | None = None
         self.connects = 0
         self.connected = asyncio.Event()
@@ -73,7 +77,9 @@ class Listener:
         delay = 0.05
         while True:
             try:
-                conn = await connect_async(self.url, APPLICATION_NAME)
+                conn = await connect_async(
+                    self.url, APPLICATION_NAME, durable=False, generic_plans=True
+                )
             except DatabaseError as exc:
                 log.warning("listener cannot connect (retrying in %.1f s): %s", delay, exc)
                 self.first_attempt.set()
@@ -104,16 +110,24 @@ class Listener:
         self.first_attempt.set()
         self.on_connect()  # LISTEN is in place: now poll, so nothing slips between the two
         while True:
-            async for notify in conn.notifies(timeout=self.health_interval):
+            received = woken = False
+            # One batch at a time (stop_after): the generator holds the connection, and
+            # on_notified needs it. What arrives meanwhile waits in psycopg's backlog.
+            async for notify in conn.notifies(timeout=self.health_interval, stop_after=1):
+                received = True
                 if notify.channel == self.channel:
-                    self._dispatch(notify.payload)
+                    woken |= self._dispatch(notify.payload)
                 else:
                     self._dispatch_control(notify.payload)
-            # Quiet for a while: prove the connection is alive (a half-open TCP stream
-            # raises nothing by itself).
-            await asyncio.wait_for(conn.execute("SELECT 1"), self.health_timeout)
+            if woken and self.on_notified is not None:
+                await self.on_notified(conn)
+            elif not received:
+                # Quiet for a while: prove the connection is alive (a half-open TCP stream
+                # raises nothing by itself).
+                await asyncio.wait_for(conn.execute("SELECT 1"), self.health_timeout)
 
-    def _dispatch(self, payload: str) -> None:
+    def _dispatch(self, payload: str) -> bool:
+        """Pass a job notification on; True when it concerns a served queue."""
         # Payloads are hints from anyone who may NOTIFY on the channel: parse defensively,
         # and treat anything unexpected as "go and look".
         try:
@@ -121,9 +135,11 @@ class Listener:
             queue, jobs = message["queue"], int(message.get("jobs", 1))
         except (ValueError, TypeError, KeyError):
             self.on_jobs("", 1)
-            return
-        if queue in self.queues:
-            self.on_jobs(queue, max(jobs, 1))
+            return True
+        if queue not in self.queues:
+            return False
+        self.on_jobs(queue, max(jobs, 1))
+        return True
 
     def _dispatch_control(self, payload: str) -> None:
         try:

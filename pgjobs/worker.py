@@ -6,7 +6,8 @@ threads (:mod:`pgjobs.threads`). The loop keeps ``concurrency`` slots (plus an o
 what is free (``claim_jobs`` in queries.sql), when:
 
 * the listener reports new jobs in a served queue (push: an idle worker starts a job within
-  milliseconds of the enqueue's commit), or reconnected;
+  milliseconds of the enqueue's commit), or reconnected; an idle worker claims those on the
+  listener's own connection, whose backend has just woken (see :mod:`pgjobs.listener`);
 * a slot frees up and the last claim came back full (there may be more);
 * the earliest known ``run_at`` of a scheduled or retryable job arrives (sleeping exactly
   until then, so delayed jobs and retries start on time without a poll tick);
@@ -191,6 +192,9 @@ class Worker:
         self._signals = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
+        # Held by whoever claims (the claim loop, or the listener on its connection), so
+        # that two claims sized to the same free slots never overlap.
+        self._claiming: asyncio.Lock | None = None
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._completions: Completions | None = None
         self._maintenance: Maintenance | None = None
@@ -214,6 +218,7 @@ class Worker:
         """Run on the current event loop until stopped (or, with ``burst``, out of work)."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        self._claiming = asyncio.Lock()
         # Read once per run: a per-job log.debug call costs more than some jobs.
         self._debug = log.isEnabledFor(logging.DEBUG)
         try:
@@ -252,6 +257,7 @@ class Worker:
                 self._on_listener_connect,
                 control_channel=control_channel_for(self.app.schema),
                 on_cancel=self._on_cancel,
+                on_notified=self._claim_notified,
             )
             self._listener_task = asyncio.create_task(self.listener.run())
         self._maintenance = Maintenance(
@@ -357,6 +363,9 @@ class Worker:
         if self._scheduler is not None:
             await asyncio.to_thread(self._scheduler.stop)
         if self._listener_task is not None:
+            # A claim in flight on the listener's connection is let finish: cancelled
+            # midway, its jobs would be claimed with nobody to run or hand them back.
+            await self._claims_done()
             self._listener_task.cancel()
         if self._completions is not None:
             # Outcomes are written before the worker's row goes: a job is never left
@@ -384,6 +393,13 @@ class Worker:
             written,
             self._completions.batches if self._completions is not None else 0,
         )
+
+    async def _claims_done(self) -> None:
+        if self._claiming is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._claiming.acquire(), _LISTEN_START_TIMEOUT)
+            self._claiming.release()
 
     async def _hand_back_buffer(self, completions: Completions) -> None:
         count = sum(len(g.buffer) for g in self._groups)
@@ -423,14 +439,19 @@ class Worker:
             await self._refresh_limited(_LIMITS_REFRESH_BUSY)
             claimed = short = 0
             for group in self._groups:
-                want = group.free
-                if want > 0 and (group.dirty or self._refill_due(group, want)):
+                if not self._claim_due(group):
+                    continue
+                assert self._claiming is not None
+                async with self._claiming:
+                    want = group.free
+                    if not self._claim_due(group):
+                        continue  # the listener claimed for it meanwhile
                     group.dirty = False
                     group.refill_since = None
                     jobs = await self._claim(group, want)
                     self._accept(group, jobs)
-                    claimed += 1
-                    short += len(jobs) < want
+                claimed += 1
+                short += len(jobs) < want
             if claimed:
                 if short and await self._idle_now():
                     return
@@ -439,6 +460,37 @@ class Worker:
             # Idle: refresh before sleeping, so that a wake-up goes straight to its claim.
             await self._refresh_limited(1.0)
             await self._sleep(any(g.free > 0 for g in self._groups))
+
+    def _claim_due(self, group: _Group) -> bool:
+        want = group.free
+        return want > 0 and (group.dirty or self._refill_due(group, want))
+
+    async def _claim_notified(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Called by the listener after notifications, with its connection: claim for the
+        groups they concern right here, unless a claim is in flight already (the claim
+        loop then takes them) or the group has limited queues (claim_limited waits for
+        locks, which the listener must never do). An error propagates: to the listener
+        it means a lost connection, and the claim loop claims instead."""
+        assert self._claiming is not None
+        if self._claiming.locked() or self._shutdown.is_set():
+            return
+        async with self._claiming:
+            for group in self._groups:
+                want = group.free
+                if not (group.dirty and want > 0) or not self._limited.isdisjoint(group.queues):
+                    continue
+                group.dirty = False
+                group.refill_since = None
+                try:
+                    rows = await self._claim_rows(conn, list(group.queues), want)
+                except BaseException:
+                    group.dirty = True
+                    self._poke()
+                    raise
+                self._accept(group, self._claimed(group, rows, want))
+        # A short claim said when the next waiting job is due: the loop's sleep must know.
+        self._learn_next_due()
+        self._poke()
 
     def _refill_due(self, group: _Group, want: int) -> bool:
         if group.refill_since is None:
@@ -450,7 +502,6 @@ class Worker:
         )
 
     async def _claim(self, group: _Group, limit: int) -> list[ClaimedJob]:
-        self._poll_at = time.monotonic() + self.poll_interval * random.uniform(0.8, 1.2)
         limited = [q for q in group.queues if q in self._limited]
         free = [q for q in group.queues if q not in self._limited]
         try:
@@ -466,6 +517,10 @@ class Worker:
             group.dirty = True
             await self._claim_failed(exc)
             return []
+        return self._claimed(group, rows, limit)
+
+    def _claimed(self, group: _Group, rows: list[tuple[Any, ...]], limit: int) -> list[ClaimedJob]:
+        self._poll_at = time.monotonic() + self.poll_interval * random.uniform(0.8, 1.2)
         group.more = len(rows) == limit
         jobs = sorted(map(ClaimedJob.from_row, rows), key=lambda j: (j.priority, j.run_at, j.id))
         self.stats.claimed += len(jobs)

@@ -6,7 +6,9 @@ writes a ledger row per execution. Waits are deadlines polled every few tens of 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import statistics
 import time
 from typing import Any
@@ -15,6 +17,7 @@ import psycopg
 from worker_processes import Workers, scalar, wait_until
 
 import pgjobs
+from pgjobs.listener import Listener
 
 
 def _state(conn: psycopg.Connection[Any], job_id: int) -> str:
@@ -265,6 +268,50 @@ def test_listener_heals_after_its_backend_is_terminated(
     )
     print(f"\nafter reconnect, enqueue-to-start: {float(latency) * 1000:.2f} ms")
     assert float(latency) < 1.0
+
+
+async def test_the_listener_lends_its_connection_and_loses_no_notification_meanwhile(
+    db_url: str,
+) -> None:
+    # The worker claims on the listener's connection after a notification (on_notified).
+    # One that arrives while that claim runs is read by psycopg along with the claim's
+    # result; it must still reach on_jobs and call for a claim of its own.
+    woken: list[str] = []
+    lent: list[int] = []
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as sender:
+
+        async def notify(queue: str) -> None:
+            payload = json.dumps({"queue": queue, "jobs": 1})
+            await sender.execute("SELECT pg_notify('pgjobs_test', %s)", (payload,))
+
+        async def on_notified(connection: psycopg.AsyncConnection[Any]) -> None:
+            lent.append(connection.info.backend_pid)
+            if len(lent) == 1:
+                await notify("b")
+                await connection.execute("SELECT pg_sleep(0.2)")
+
+        listener = Listener(
+            db_url,
+            "pgjobs_test",
+            ["a", "b"],
+            on_jobs=lambda queue, n: woken.append(queue),
+            on_connect=lambda: None,
+            on_notified=on_notified,
+        )
+        task = asyncio.create_task(listener.run())
+        try:
+            await asyncio.wait_for(listener.connected.wait(), 10)
+            await notify("a")
+            async with asyncio.timeout(5):
+                while len(lent) < 2:
+                    await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    assert woken == ["a", "b"]
+    # Both times on the one connection, which never had to be replaced.
+    assert len(lent) == 2 and lent[0] == lent[1]
+    assert listener.connects == 1
 
 
 async def test_worker_embeds_in_an_application(
