@@ -129,7 +129,7 @@ class Executor:
         self.worker = worker
         self.threads = ElasticThreadPool()
 
-    async def execute(self, job: ClaimedJob, ctx: JobContext) -> Finish:
+    async def execute(self, job: ClaimedJob, ctx: JobContext | None) -> Finish:
         """Run ``job`` and return its outcome. Never raises except CancelledError."""
         task = self.tasks.get(job.task)
         if task is None:
@@ -143,7 +143,9 @@ class Executor:
             return self.classify_exception(job, task, _explain(task, job, exc))
         return self.classify_value(job, task, value)
 
-    def _arguments(self, task: Task[Any, Any], job: ClaimedJob, ctx: JobContext) -> dict[str, Any]:
+    def _arguments(
+        self, task: Task[Any, Any], job: ClaimedJob, ctx: JobContext | None
+    ) -> dict[str, Any]:
         # Enqueue checked the arguments; binding them again for every run costs more than
         # running a small job. _explain() binds them only when the call fails.
         kwargs = dict(job.args)
@@ -151,7 +153,9 @@ class Executor:
             kwargs[task.context_parameter] = ctx
         return kwargs
 
-    async def _call(self, task: Task[Any, Any], kwargs: dict[str, Any], ctx: JobContext) -> Any:
+    async def _call(
+        self, task: Task[Any, Any], kwargs: dict[str, Any], ctx: JobContext | None
+    ) -> Any:
         timeout = task.config.timeout
         if task.is_async:
             call = task.fn(**kwargs)
@@ -163,7 +167,8 @@ class Executor:
         try:
             return await asyncio.wait_for(call, timeout)
         except TimeoutError:
-            ctx._cancel()
+            if ctx is not None:
+                ctx._cancel()
             kind = "async task was cancelled" if task.is_async else "its thread was abandoned"
             raise JobTimeoutError(
                 f"task {task.name!r} exceeded its timeout of {timeout} s ({kind})"

@@ -83,7 +83,8 @@ _EAGER: dict[str, Any] = {"eager_start": True} if sys.version_info >= (3, 12) el
 @dataclass(eq=False, slots=True)
 class _Running:
     job: ClaimedJob
-    ctx: JobContext
+    # Only for tasks that take one (JobContext parameter).
+    ctx: JobContext | None
     task: asyncio.Task[None] | None = None
     is_async: bool = False
     handed_back: bool = False
@@ -423,7 +424,8 @@ class Worker:
         message = f"the worker shut down before the job finished (grace {self.grace} s)"
         for running in leftover:
             running.handed_back = True
-            running.ctx._cancel()
+            if running.ctx is not None:
+                running.ctx._cancel()
             error = _interrupted(running, self.id, message)
             completions.add(handed_back(running.job, error))
             if running.is_async and running.task is not None:
@@ -690,13 +692,36 @@ class Worker:
         if self._shutdown.is_set():
             return
         for group in self._groups:
+            finished = False
             while group.buffer and group.running < group.slots:
                 group.running += 1
-                self._start_job(group.buffer.popleft())
+                finished |= self._start_job(group.buffer.popleft())
+            if finished:
+                self._slots_freed(group)
 
-    def _start_job(self, job: ClaimedJob) -> None:
+    def _start_job(self, job: ClaimedJob) -> bool:
+        """Start ``job``; True when it finished already (on Python 3.12+, a job that never
+        awaits runs to its end right here), its slot free again."""
+        assert self._loop is not None
+        task = self.app.tasks.get(job.task)
+        ctx = None
+        if task is not None and task.context_parameter is not None:
+            ctx = self._context(job)
+        running = _Running(job, ctx, is_async=task is not None and task.is_async)
+        self._running[job.id] = running
+        self.stats.started += 1
+        step = asyncio.Task(self._execute(running), loop=self._loop, **_EAGER)
+        if step.done():
+            # Freed here rather than by a done callback: one loop callback less per job.
+            self._release(running)
+            return True
+        running.task = step
+        step.add_done_callback(lambda _: self._slot_freed(running))
+        return False
+
+    def _context(self, job: ClaimedJob) -> JobContext:
         assert self._loop is not None and self._completions is not None
-        ctx = JobContext(
+        return JobContext(
             id=job.id,
             attempt=job.attempts,
             max_attempts=job.max_attempts,
@@ -709,12 +734,6 @@ class Worker:
             shutdown=self._shutdown,
             read_parents=self._completions.parent_results,
         )
-        task = self.app.tasks.get(job.task)
-        running = _Running(job, ctx, is_async=task is not None and task.is_async)
-        self._running[job.id] = running
-        running.task = asyncio.Task(self._execute(running), loop=self._loop, **_EAGER)
-        running.task.add_done_callback(lambda _: self._slot_freed(running))
-        self.stats.started += 1
 
     async def _execute(self, running: _Running) -> None:
         assert self._completions is not None
@@ -743,11 +762,18 @@ class Worker:
             )
 
     def _slot_freed(self, running: _Running) -> None:
+        group = self._release(running)
+        self._start_buffered()
+        self._slots_freed(group)
+
+    def _release(self, running: _Running) -> _Group:
         if self._running.get(running.job.id) is running:
             del self._running[running.job.id]
         group = self._group_of[running.job.queue]
         group.running -= 1
-        self._start_buffered()
+        return group
+
+    def _slots_freed(self, group: _Group) -> None:
         if group.more and group.refill_since is None:
             group.refill_since = time.monotonic()
         self._poke()
@@ -819,7 +845,8 @@ class Worker:
         still = {row[0] for row in await cur.fetchall()}
         lost = [r for r in held if r.job.id not in still]
         for running in lost:
-            running.ctx._cancel()
+            if running.ctx is not None:
+                running.ctx._cancel()
             if running.is_async and running.task is not None:
                 running.task.cancel()
         for job in buffered:

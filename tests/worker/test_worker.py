@@ -336,6 +336,34 @@ async def test_worker_embeds_in_an_application(
     assert worker.stats.started == 10
 
 
+async def test_job_arguments_arrive_exactly_as_enqueued(app: pgjobs.App) -> None:
+    # The worker parses arguments with orjson, which would turn integers beyond 64 bits
+    # into floats; those documents must take the exact path.
+    @app.task(queue="arguments")
+    async def echo(doc: Any) -> str:
+        return repr(doc)
+
+    docs: list[Any] = [
+        {"i": 7, "f": 0.1, "e": 1e300, "neg": -(2**63), "u64": 2**64 - 1, "s": "é ✓ \\n"},
+        {"big": 2**70, "small": -(2**63) - 1, "nested": [1, {"x": None, "y": True}]},
+        {"not_a_number": "1234567890123456789012", "list": [[], {}, [2.5, -0.0]]},
+    ]
+    ids = [echo.enqueue(doc=doc) for doc in docs]
+    worker = pgjobs.Worker(app, burst=True, heartbeat_interval=0.5, heartbeat_timeout=3)
+    await worker.run_async()
+    async with await psycopg.AsyncConnection.connect(app.database_url) as conn:
+        for job_id in ids:
+            cur = await conn.execute("SELECT args::text FROM pgjobs.jobs WHERE id = %s", [job_id])
+            row = await cur.fetchone()
+            assert row is not None
+            # What the json module makes of the stored text (jsonb keeps numbers as
+            # numeric, so 1e300 comes back as an integer, and keys in its own order).
+            expected = json.loads(row[0])["doc"]
+            assert (await app.get_job_async(job_id)).result == repr(expected)
+    beyond_64_bits = (await app.get_job_async(ids[1])).result
+    assert f"'big': {2**70}," in beyond_64_bits and f"'small': {-(2**63) - 1}" in beyond_64_bits
+
+
 def test_stored_arguments_that_do_not_fit_go_dead_but_a_tasks_own_typeerror_retries(
     app: pgjobs.App, ledger: psycopg.Connection[Any], workers: Workers
 ) -> None:
