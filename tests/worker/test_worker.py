@@ -100,6 +100,13 @@ def test_idle_worker_starts_a_new_job_within_milliseconds(
     ms = sorted(float(s) * 1000 for s in latencies)
     print(f"\nenqueue-to-start latency: p50 {statistics.median(ms):.2f} ms, max {ms[-1]:.2f} ms")
     assert ms[-1] < 1000
+    # The claims went out on the listener's own connection (its backend had just woken).
+    last_statement = scalar(
+        ledger,
+        "SELECT query FROM pg_stat_activity WHERE application_name = 'pgjobs-listener' "
+        "AND datname = current_database()",
+    )
+    assert "FOR NO KEY UPDATE OF j SKIP LOCKED" in str(last_statement)
 
 
 def test_failures_retry_with_backoff_then_go_dead(
