@@ -170,16 +170,19 @@ class Completions:
 
     def _params(self, batch: list[Finish]) -> dict[str, Any]:
         # In id order: finish_jobs then locks its rows in id order (no deadlock between
-        # overlapping batches).
+        # overlapping batches). zip() turns the outcomes into columns without a Python
+        # loop per job.
         batch = sorted(batch, key=attrgetter("job_id"))
+        columns = map(list, zip(*batch, strict=True))
+        ids, tokens, states, results, delays, errors, refunds, _notes = columns
         return {
-            "id": [f.job_id for f in batch],
-            "lease_token": [f.lease_token for f in batch],
-            "state": [f.state for f in batch],
-            "result": _trimmed([f.result for f in batch]),
-            "delay": _trimmed([f.delay for f in batch]),
-            "error": _trimmed([f.error for f in batch]),
-            "refund": _trimmed([f.refund or None for f in batch]),
+            "id": ids,
+            "lease_token": tokens,
+            "state": states,
+            "result": _trimmed(results, None),
+            "delay": _trimmed(delays, None),
+            "error": _trimmed(errors, None),
+            "refund": _trimmed(refunds, 0),
             "worker": self.worker,
             "events": self.events(),
             "events_channel": self.events_channel,
@@ -198,10 +201,13 @@ class Completions:
             self._conn = None
 
 
-def _trimmed(values: list[Any]) -> list[Any]:
-    """``values`` without its trailing Nones (finish_jobs pads the column with NULLs)."""
+def _trimmed(values: list[Any], nothing: Any) -> list[Any]:
+    """``values`` without its trailing ``nothing`` values (finish_jobs pads the column with
+    NULLs, which stand for ``nothing``)."""
+    if values.count(nothing) == len(values):  # a batch of plain successes
+        return []
     end = len(values)
-    while end and values[end - 1] is None:
+    while end and values[end - 1] == nothing:
         end -= 1
     return values if end == len(values) else values[:end]
 
