@@ -91,6 +91,10 @@ class Listener:
             except (psycopg.Error, TimeoutError) as exc:
                 log.warning("listener connection lost, reconnecting: %s", _one_line(exc))
                 delay = 0.05
+            except Exception:
+                # A failing callback must not end the listener: the worker would go on
+                # with its fallback poll alone, and nothing would say so.
+                log.exception("listener failed, reconnecting")
             finally:
                 self.connected.clear()
                 self.backend_pid = None

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import psycopg
+import pytest
 from worker_processes import Workers, scalar, wait_until
 
 import pgjobs
@@ -341,6 +342,34 @@ async def test_worker_embeds_in_an_application(
     results = [(await app.get_job_async(i)).result for i in ids]
     assert results == [0, 2, 4, 6, 8] + [{"value": 3 * i, "attempt": 1} for i in range(5)]
     assert worker.stats.started == 10
+
+
+async def test_the_listener_survives_a_failing_callback(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    woken: list[str] = []
+
+    def on_jobs(queue: str, n: int) -> None:
+        woken.append(queue)
+        if len(woken) == 1:
+            raise RuntimeError("a bug in the worker")
+
+    listener = Listener(db_url, "pgjobs_test", ["a"], on_jobs, on_connect=lambda: None)
+    task = asyncio.create_task(listener.run())
+    payload = json.dumps({"queue": "a", "jobs": 1})
+    try:
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as sender:
+            async with asyncio.timeout(10):
+                while len(woken) < 2:
+                    # Until a notification reaches the listener that came back.
+                    await sender.execute("SELECT pg_notify('pgjobs_test', %s)", (payload,))
+                    await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert listener.connects == 2
+    assert "listener failed, reconnecting" in caplog.text
+    assert "a bug in the worker" in caplog.text
 
 
 async def test_job_arguments_arrive_exactly_as_enqueued(app: pgjobs.App) -> None:
