@@ -62,6 +62,8 @@ log = logging.getLogger("pgjobs.worker")
 APPLICATION_NAME = "pgjobs-worker"
 # Wait at most this long for the first LISTEN before the first claim.
 _LISTEN_START_TIMEOUT = 5.0
+# At shutdown, wait at most this long for a claim in flight on the listener's connection.
+_CLAIM_FINISH_TIMEOUT = 5.0
 # Wake a little after a known run_at: the claim compares with the database's now().
 _DUE_MARGIN = 0.002
 _DUE_FLOOR = 0.005
@@ -402,7 +404,7 @@ class Worker:
         if self._claiming is None:
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._claiming.acquire(), _LISTEN_START_TIMEOUT)
+            await asyncio.wait_for(self._claiming.acquire(), _CLAIM_FINISH_TIMEOUT)
             self._claiming.release()
 
     async def _hand_back_buffer(self, completions: Completions) -> None:
