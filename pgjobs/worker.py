@@ -114,6 +114,11 @@ class _Group:
     def free(self) -> int:
         return self.slots + self.prefetch - self.running - len(self.buffer)
 
+    def claiming(self) -> None:
+        """A claim for this group starts: what called for it is answered by it."""
+        self.dirty = False
+        self.refill_since = None
+
 
 @dataclass
 class WorkerStats:
@@ -453,8 +458,7 @@ class Worker:
                     want = group.free
                     if not self._claim_due(group):
                         continue  # the listener claimed for it meanwhile
-                    group.dirty = False
-                    group.refill_since = None
+                    group.claiming()
                     jobs = await self._claim(group, want)
                     self._accept(group, jobs)
                 claimed += 1
@@ -486,8 +490,7 @@ class Worker:
                 want = group.free
                 if not (group.dirty and want > 0) or not self._limited.isdisjoint(group.queues):
                     continue
-                group.dirty = False
-                group.refill_since = None
+                group.claiming()
                 try:
                     rows = await self._claim_rows(conn, list(group.queues), want)
                 except BaseException:
