@@ -94,6 +94,11 @@ class _Running:
     is_async: bool = False
     handed_back: bool = False
 
+    def cancel_context(self) -> None:
+        """Tell the task, if it can see it (``ctx.cancelled``), that its outcome is void."""
+        if self.ctx is not None:
+            self.ctx._cancel()
+
 
 @dataclass(eq=False)
 class _Group:
@@ -406,8 +411,7 @@ class Worker:
         )
 
     async def _claims_done(self) -> None:
-        if self._claiming is None:
-            return
+        assert self._claiming is not None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._claiming.acquire(), _CLAIM_FINISH_TIMEOUT)
             self._claiming.release()
@@ -434,8 +438,7 @@ class Worker:
         message = f"the worker shut down before the job finished (grace {self.grace} s)"
         for running in leftover:
             running.handed_back = True
-            if running.ctx is not None:
-                running.ctx._cancel()
+            running.cancel_context()
             error = _interrupted(running, self.id, message)
             completions.add(handed_back(running.job, error))
             if running.is_async and running.task is not None:
@@ -451,13 +454,12 @@ class Worker:
             await self._refresh_limited(_LIMITS_REFRESH_BUSY)
             claimed = short = 0
             for group in self._groups:
-                if not self._claim_due(group):
-                    continue
                 assert self._claiming is not None
                 async with self._claiming:
-                    want = group.free
+                    # Judged under the lock: the listener may have claimed for it meanwhile.
                     if not self._claim_due(group):
-                        continue  # the listener claimed for it meanwhile
+                        continue
+                    want = group.free
                     group.claiming()
                     jobs = await self._claim(group, want)
                     self._accept(group, jobs)
@@ -854,8 +856,7 @@ class Worker:
         still = {row[0] for row in await cur.fetchall()}
         lost = [r for r in held if r.job.id not in still]
         for running in lost:
-            if running.ctx is not None:
-                running.ctx._cancel()
+            running.cancel_context()
             if running.is_async and running.task is not None:
                 running.task.cancel()
         for job in buffered:
