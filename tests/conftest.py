@@ -20,6 +20,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from ops_helpers import CLOSED_PORT_URL
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pytest_postgresql import factories
 
@@ -190,9 +191,6 @@ def module_db_url(
     janitor.drop()  # a leftover of an interrupted run
     with janitor:
         yield pg_server.url(janitor.dbname)
-
-
-CLOSED_PORT_URL = "postgresql://postgres@127.0.0.1:1/nowhere"
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ from typing import Any
 import psycopg
 
 FINAL = {"succeeded", "dead", "cancelled"}
+# A server address nothing listens on, for checks that must fail to connect.
+CLOSED_PORT_URL = "postgresql://postgres@127.0.0.1:1/nowhere"
 
 
 def add_job(

@@ -19,6 +19,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from ops_helpers import CLOSED_PORT_URL
 from typer.testing import CliRunner
 
 import pgjobs
@@ -29,7 +30,6 @@ from pgjobs.database import sqlalchemy_url
 from pgjobs.migrations import LOCATION
 
 PGJOBS = Path(sys.executable).parent / "pgjobs"
-CLOSED_PORT_URL = "postgresql://postgres@127.0.0.1:1/nowhere"
 
 
 def catalog(url: str, schema: str | None = None) -> dict[str, list[tuple[Any, ...]]]:

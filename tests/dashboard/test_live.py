@@ -8,7 +8,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-import httpx
+import httpx2
 import psycopg
 from dash_helpers import LiveServer, read_events, subscribed, wait_until
 from ops_helpers import add_job
@@ -21,7 +21,7 @@ import pgjobs
 from pgjobs.dashboard import create_app, progress_app
 
 # Every wait on a stream is bounded by this read timeout (keepalives come every 15 s).
-READ = httpx.Timeout(5.0, read=20.0)
+READ = httpx2.Timeout(5.0, read=20.0)
 
 
 def _job_events(events: list[tuple[str, str]]) -> list[dict[str, Any]]:
@@ -39,7 +39,7 @@ def test_a_job_feed_streams_progress_until_the_job_succeeds(
     server = serve(create_app(dapp))
     job_id = progress.enqueue(steps=2, pause=0.1)
     url = f"{server.url}/api/jobs/{job_id}/events"
-    with httpx.stream("GET", url, timeout=READ) as response:
+    with httpx2.stream("GET", url, timeout=READ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         lines = response.iter_lines()
@@ -65,11 +65,11 @@ def test_a_job_feed_of_a_finished_or_unknown_job_ends_at_once(
 ) -> None:
     server = serve(create_app(dapp))
     done = add_job(conn, state="succeeded")
-    with httpx.stream("GET", f"{server.url}/api/jobs/{done}/events", timeout=READ) as response:
+    with httpx2.stream("GET", f"{server.url}/api/jobs/{done}/events", timeout=READ) as response:
         events = read_events(response.iter_lines(), lambda events: False)
     assert [name for name, _ in events] == ["snapshot"]
     assert json.loads(events[0][1])["state"] == "succeeded"
-    with httpx.stream("GET", f"{server.url}/api/jobs/777/events", timeout=READ) as response:
+    with httpx2.stream("GET", f"{server.url}/api/jobs/777/events", timeout=READ) as response:
         events = read_events(response.iter_lines(), lambda events: False)
     assert events == [("gone", '{"id": 777}')]
 
@@ -83,7 +83,7 @@ def test_the_overview_feed_sends_a_fresh_snapshot_when_jobs_change(
     from dash_app import quick
 
     server = serve(create_app(dapp))
-    with httpx.stream("GET", f"{server.url}/events?view=overview", timeout=READ) as response:
+    with httpx2.stream("GET", f"{server.url}/events?view=overview", timeout=READ) as response:
         lines = response.iter_lines()
         assert read_events(lines, lambda events: bool(events))[0][0] == "hello"
         wait_until(lambda: subscribed(conn), 10, "the hub listens")
@@ -112,7 +112,7 @@ def test_the_jobs_page_feed_carries_the_events_of_the_jobs_it_shows(
     server = serve(create_app(dapp))
     shown, other = quick.enqueue(n=1), quick.enqueue(n=2)
     url = f"{server.url}/events?view=jobs&ids={shown}"
-    with httpx.stream("GET", url, timeout=READ) as response:
+    with httpx2.stream("GET", url, timeout=READ) as response:
         lines = response.iter_lines()
         read_events(lines, lambda events: bool(events))
         wait_until(lambda: subscribed(conn), 10, "the hub listens")
@@ -134,7 +134,7 @@ def test_an_application_streams_progress_to_its_own_users(
     outer = Starlette(routes=[Mount("/progress", progress_app(dapp))])
     server = serve(outer)
     job_id = progress.enqueue(steps=1, pause=0.05)
-    with httpx.stream("GET", f"{server.url}/progress/{job_id}", timeout=READ) as response:
+    with httpx2.stream("GET", f"{server.url}/progress/{job_id}", timeout=READ) as response:
         lines = response.iter_lines()
         read_events(lines, lambda events: bool(events))
         wait_until(lambda: subscribed(conn), 10, "the hub listens")
@@ -150,7 +150,7 @@ def _free_port() -> int:
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    text = httpx2.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)

@@ -417,7 +417,7 @@ def test_pgjobs_dashboard_serves_on_a_local_port(
     import sys
     import time
 
-    import httpx
+    import httpx2
 
     add_job(conn, queue="cli")
     with socket.socket() as sock:
@@ -430,9 +430,9 @@ def test_pgjobs_dashboard_serves_on_a_local_port(
         deadline = time.monotonic() + 30
         while True:
             try:
-                page = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
+                page = httpx2.get(f"http://127.0.0.1:{port}/", timeout=5)
                 break
-            except httpx.TransportError:
+            except httpx2.TransportError:
                 assert proc.poll() is None, proc.communicate()[0]
                 assert time.monotonic() < deadline, "the dashboard did not start"
                 time.sleep(0.1)

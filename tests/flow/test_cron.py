@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 import psycopg
 import pytest
 from cron_helpers import APP, Workers, scalar, slots_of, wait_until
+from ops_helpers import CLOSED_PORT_URL
 from typer.testing import CliRunner
 
 import pgjobs
@@ -34,7 +35,6 @@ from pgjobs.cron import (
 )
 
 PARIS = ZoneInfo("Europe/Paris")
-CLOSED_PORT_URL = "postgresql://postgres@127.0.0.1:1/nowhere"
 
 
 def utc(
