@@ -1,5 +1,6 @@
 """Rows for the operations tests, written with direct SQL that satisfies the CHECK
-constraints, so a test controls states, timestamps and error histories exactly."""
+constraints, so a test controls states, timestamps and error histories exactly; and the
+address of a server that is not there, for the checks that must fail to connect."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from typing import Any
 import psycopg
 
 FINAL = {"succeeded", "dead", "cancelled"}
-# A server address nothing listens on, for checks that must fail to connect.
 CLOSED_PORT_URL = "postgresql://postgres@127.0.0.1:1/nowhere"
 
 
