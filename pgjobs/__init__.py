@@ -18,6 +18,7 @@ from pgjobs.errors import (
     PayloadError,
     PgJobsError,
     SchemaNotReadyError,
+    UniqueConflictError,
     UnknownTaskError,
 )
 from pgjobs.events import EventStream, JobEvent
@@ -53,6 +54,7 @@ __all__ = [
     "SchemaNotReadyError",
     "Snooze",
     "Task",
+    "UniqueConflictError",
     "UnknownTaskError",
     "Worker",
     "__version__",

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import itertools
 import socket
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -37,6 +39,11 @@ if TYPE_CHECKING:
 DEFAULT_BATCH_SIZE = 10_000
 # enqueue's threshold: above it, NOTIFY is skipped and workers find jobs by polling.
 NOTIFY_QUEUE_LIMIT = 0.5
+# Live-scope keyed jobs per retry statement: each takes a subtransaction, and PostgreSQL
+# caches 64 per backend before every snapshot in the cluster gets slower.
+_KEYED_RETRY_BATCH = 32
+# How often a retry statement that lost a deadlock or serialization race is run.
+_TRANSIENT_ATTEMPTS = 5
 # States `jobs retry` accepts: stopped (dead, cancelled) or waiting (retryable, scheduled).
 RETRYABLE_STATES = ("dead", "cancelled", "retryable", "scheduled")
 # States `jobs cancel` accepts: every state but the final ones.
@@ -207,23 +214,38 @@ class Admin:
     def _retry(self, ids: Sequence[int], states: Sequence[str]) -> BatchResult:
         result = BatchResult()
         for chunk in _chunks(sorted(set(ids)), self.batch_size):
-            with self._cursor() as cur:
-                rows = cur.execute(
-                    self.queries.retry_jobs,
-                    {
-                        "ids": chunk,
-                        "states": list(states),
-                        "operator": self.operator,
-                        "channel": self.app.channel,
-                        "notify_queue_limit": NOTIFY_QUEUE_LIMIT,
-                    },
-                ).fetchall()
-            done = {row["id"] for row in rows}
+            keyed = {row["id"] for row in self._rows("keyed_jobs", {"ids": chunk})}
+            done = self._retry_statement([i for i in chunk if i not in keyed], states)
+            for few in _chunks(sorted(keyed), _KEYED_RETRY_BATCH):
+                done |= self._retry_statement(few, states)
             result.done.extend(sorted(done))
             left = [job_id for job_id in chunk if job_id not in done]
             if left:
                 result.skipped.update(self._reasons(left, states))
         return result
+
+    def _retry_statement(self, ids: list[int], states: Sequence[str]) -> set[int]:
+        if not ids:
+            return set()
+        params = {
+            "ids": ids,
+            "states": list(states),
+            "operator": self.operator,
+            "channel": self.app.channel,
+            "notify_queue_limit": NOTIFY_QUEUE_LIMIT,
+        }
+        # The statement is its own transaction: one that lost a race with a producer
+        # (which takes keys in the same order, so this is rare) is run again.
+        for attempt in itertools.count(1):
+            try:
+                with self._cursor() as cur:
+                    rows = cur.execute(self.queries.retry_jobs, params).fetchall()
+                return {row["id"] for row in rows}
+            except DatabaseError as exc:
+                if not exc.retry_transaction or attempt == _TRANSIENT_ATTEMPTS:
+                    raise
+                time.sleep(0.01 * attempt)
+        raise AssertionError("unreachable")
 
     def _reasons(self, ids: list[int], states: Sequence[str]) -> dict[int, str]:
         """Why each of these jobs was not changed."""
@@ -405,4 +427,4 @@ def _database_errors() -> Iterator[None]:
     except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
         raise
     except psycopg.Error as exc:
-        raise DatabaseError(" ".join(str(exc).split())) from exc
+        raise DatabaseError(" ".join(str(exc).split()), exc.sqlstate) from exc

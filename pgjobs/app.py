@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
+import select
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -11,6 +13,7 @@ from datetime import timedelta
 from typing import Any, TypeVar, Unpack, overload
 
 import psycopg
+from psycopg.pq import ConnStatus
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
@@ -393,11 +396,20 @@ class App:
             return self.writer.insert(sync_connection(conn), specs, options.on_duplicate)
         # Pool connections are autocommit: one job is one statement and one round trip
         # (no BEGIN, no COMMIT); several are written in one transaction, all or nothing.
-        with self.pool.connection() as own:
-            if len(specs) == 1:
-                return self.writer.insert(own, specs, options.on_duplicate)
-            with own.transaction():
-                return self.writer.insert(own, specs, options.on_duplicate)
+        # pgjobs owns that transaction, so one that lost a race (a deadlock, a
+        # serialization failure) is simply run again.
+        for attempt in range(_TRANSIENT_ATTEMPTS):
+            try:
+                with self.pool.connection() as own:
+                    if len(specs) == 1:
+                        return self.writer.insert(own, specs, options.on_duplicate)
+                    with own.transaction():
+                        return self.writer.insert(own, specs, options.on_duplicate)
+            except DatabaseError as exc:
+                if not exc.retry_transaction or attempt + 1 == _TRANSIENT_ATTEMPTS:
+                    raise
+                time.sleep(_transient_pause(attempt))
+        raise AssertionError("unreachable")
 
     async def _enqueue_specs_async(
         self, specs: list[JobSpec], options: Options, conn: Any
@@ -409,11 +421,18 @@ class App:
                 await async_connection(conn), specs, options.on_duplicate
             )
         pool = await self.async_pool()
-        async with pool.connection() as own:
-            if len(specs) == 1:
-                return await self.writer.insert_async(own, specs, options.on_duplicate)
-            async with own.transaction():
-                return await self.writer.insert_async(own, specs, options.on_duplicate)
+        for attempt in range(_TRANSIENT_ATTEMPTS):
+            try:
+                async with pool.connection() as own:
+                    if len(specs) == 1:
+                        return await self.writer.insert_async(own, specs, options.on_duplicate)
+                    async with own.transaction():
+                        return await self.writer.insert_async(own, specs, options.on_duplicate)
+            except DatabaseError as exc:
+                if not exc.retry_transaction or attempt + 1 == _TRANSIENT_ATTEMPTS:
+                    raise
+                await asyncio.sleep(_transient_pause(attempt))
+        raise AssertionError("unreachable")
 
     # -- reading -------------------------------------------------------------------------
 
@@ -585,7 +604,7 @@ class App:
                     # the timeout; one direct attempt first fails fast, with libpq's reason.
                     connect(url, connect_timeout=CONNECT_TIMEOUT).close()
                     self._pool = _open(
-                        ConnectionPool(
+                        _CheckedPool(
                             url,
                             min_size=1,
                             max_size=self.pool_size,
@@ -601,7 +620,7 @@ class App:
         if self._async_pool is None:
             # Fail fast with libpq's reason, as the sync pool does.
             await (await connect_async(self.database_url, connect_timeout=CONNECT_TIMEOUT)).close()
-            pool = AsyncConnectionPool(
+            pool = _CheckedAsyncPool(
                 self.database_url,
                 min_size=1,
                 max_size=self.pool_size,
@@ -667,6 +686,16 @@ def _outcome(job: Job) -> tuple[bool, Any]:
     return False, None
 
 
+# How often an enqueue on pgjobs' own pool runs a transaction that lost a race.
+_TRANSIENT_ATTEMPTS = 5
+
+
+def _transient_pause(attempt: int) -> float:
+    """Seconds before running a lost transaction again: short, growing, jittered (two
+    callers that deadlocked must not meet again in lockstep)."""
+    return float(random.uniform(0.5, 1.5) * 0.01 * 2**attempt)
+
+
 def _open(pool: ConnectionPool) -> ConnectionPool:
     try:
         pool.open(wait=True, timeout=10)
@@ -674,3 +703,94 @@ def _open(pool: ConnectionPool) -> ConnectionPool:
         pool.close()
         raise DatabaseError(f"cannot connect to the database: {exc}") from exc
     return pool
+
+
+# -- pooled connections that died -------------------------------------------------------
+# The server may end an idle pooled connection at any time (pg_terminate_backend, an idle
+# session timeout, a restart): its goodbye, a FATAL error and the end of the stream, waits
+# unread in the socket, and the statement sent next would fail with it. The pools below
+# look at the socket before handing a connection out: nothing to read (the hot path) costs
+# one poll() and no round trip. psycopg_pool's own ``check`` callback is not used: after a
+# second failed check in one request it sleeps 1 s, 2 s, 4 s, … before the next, so a pool
+# full of dead connections (after a server restart) would make an enqueue wait past the
+# pool's timeout.
+
+
+def _readable(fd: int) -> bool:
+    """Whether the socket ``fd`` has input (or an error, or its end) waiting, at once."""
+    if _HAS_POLL:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([fd], [], [], 0)[0])  # no poll() on Windows
+
+
+_HAS_POLL = hasattr(select, "poll")
+
+
+def _known_dead(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool | None:
+    """Of an idle pooled connection, without a round trip: True when it is dead, False
+    when nothing arrived on it since its last use (as alive as can be told), None when the
+    server sent something unasked that did not end it: a notification, a notice, or a
+    goodbye whose end of stream has not arrived yet, which only a round trip tells apart."""
+    if conn.closed or conn.broken:
+        return True
+    pgconn = conn.pgconn
+    try:
+        if not _readable(pgconn.socket):
+            return False
+        # libpq reads the FATAL error first and sees the end of the stream only on a
+        # later read; what it reads stays in its buffers for the next statement.
+        for _ in range(2):
+            pgconn.consume_input()
+            if pgconn.status != ConnStatus.OK:
+                return True
+            if not _readable(pgconn.socket):
+                break
+    except (psycopg.OperationalError, OSError):
+        return True
+    return None
+
+
+class _CheckedPool(ConnectionPool[psycopg.Connection[Any]]):
+    """A ConnectionPool that never hands out a connection known to be dead."""
+
+    def getconn(self, timeout: float | None = None) -> psycopg.Connection[Any]:
+        """A connection of the pool, checked (see the comment above :func:`_readable`)."""
+        # Every dead connection found leaves the pool, so max_size tries get past them all.
+        for _ in range(self.max_size):
+            conn = super().getconn(timeout)
+            dead = _known_dead(conn)
+            if dead is None:
+                try:
+                    ConnectionPool.check_connection(conn)
+                    dead = False
+                except psycopg.Error:
+                    dead = True
+            if not dead:
+                return conn
+            # Closed, it is dropped by the pool, which opens another in its place.
+            conn.close()
+            self.putconn(conn)
+        return super().getconn(timeout)
+
+
+class _CheckedAsyncPool(AsyncConnectionPool[psycopg.AsyncConnection[Any]]):
+    """The async twin of :class:`_CheckedPool`."""
+
+    async def getconn(self, timeout: float | None = None) -> psycopg.AsyncConnection[Any]:
+        """A connection of the pool, checked (see the comment above :func:`_readable`)."""
+        for _ in range(self.max_size):
+            conn = await super().getconn(timeout)
+            dead = _known_dead(conn)
+            if dead is None:
+                try:
+                    await AsyncConnectionPool.check_connection(conn)
+                    dead = False
+                except psycopg.Error:
+                    dead = True
+            if not dead:
+                return conn
+            await conn.close()
+            await self.putconn(conn)
+        return await super().getconn(timeout)

@@ -80,6 +80,9 @@ EVERY_PREFIX = "every "
 APPLICATION_NAME = "pgjobs-scheduler"
 # A peer holds the schedule's row: look again this soon (seconds, jittered).
 _BUSY_RETRY = 0.1
+# The longest a scheduler waits for a lock (only a peer creating the same schedule's row
+# can make it wait at all): schedulers must never queue up behind a frozen peer.
+LOCK_TIMEOUT = "1s"
 # Wake this long after a slot by the database clock (the clock offset is estimated).
 _WAKE_MARGIN = 0.002
 _MAX_SLEEP = 60.0
@@ -528,29 +531,42 @@ class Scheduler:
     def _round(self, state: _State) -> None:
         periodic = state.periodic
         conn = self._connection()
-        with schema_errors(self.queries.schema), conn.transaction():
-            row = self._lock(conn, state)
-            if row is None:
-                # A peer holds the row (it is enqueueing this slot right now): look again
-                # shortly, until the slot shows up as done.
-                state.due_at = self._clock() + _BUSY_RETRY * random.uniform(0.5, 1.5)
-                return
-            task, text, zone, last_slot, db_now = row
-            self._offset = db_now.timestamp() - self._clock()
-            changed = (task, text, zone) != (
-                periodic.task.name,
-                periodic.schedule.text,
-                periodic.schedule.timezone,
-            )
-            plan = plan_round(periodic, last_slot, db_now, changed=changed)
-            if plan.slots or changed or plan.last_slot != last_slot:
-                self._write(conn, periodic, plan)
+        try:
+            with schema_errors(self.queries.schema), conn.transaction():
+                row = self._lock(conn, state)
+                done = None if row is None else self._enqueue_due(conn, periodic, row)
+        except psycopg.errors.LockNotAvailable:
+            done = None  # a peer creating the row has not committed yet
+        if done is None:
+            # A peer holds the row (it is enqueueing this slot right now, or it is frozen
+            # until the server ends its session): look again shortly; the other schedules
+            # go on meanwhile.
+            state.due_at = self._clock() + _BUSY_RETRY * random.uniform(0.5, 1.5)
+            return
+        last_slot, plan, changed = done
         self._report(periodic, last_slot, plan, changed)
         if plan.more:
             state.due_at = 0.0
         else:
             following = periodic.schedule.next_after(plan.last_slot)
             state.due_at = following.timestamp() - self._offset + _WAKE_MARGIN
+
+    def _enqueue_due(
+        self, conn: psycopg.Connection[Any], periodic: PeriodicTask, row: Any
+    ) -> tuple[datetime | None, Plan, bool]:
+        """Enqueue the due slots of the schedule whose locked row is ``row``; the row's
+        last slot before, the plan carried out, and whether the schedule changed."""
+        task, text, zone, last_slot, db_now = row
+        self._offset = db_now.timestamp() - self._clock()
+        changed = (task, text, zone) != (
+            periodic.task.name,
+            periodic.schedule.text,
+            periodic.schedule.timezone,
+        )
+        plan = plan_round(periodic, last_slot, db_now, changed=changed)
+        if plan.slots or changed or plan.last_slot != last_slot:
+            self._write(conn, periodic, plan)
+        return last_slot, plan, changed
 
     def _lock(self, conn: psycopg.Connection[Any], state: _State) -> Any:
         params = {"name": state.periodic.name}
@@ -567,7 +583,9 @@ class Scheduler:
                 },
             )
             row = conn.execute(self.queries.periodic_lock, params).fetchone()
-        state.ensured = row is not None
+        # A row found once exists for good: when a later look finds it locked, it is not
+        # created again (see periodic_ensure).
+        state.ensured = state.ensured or row is not None
         return row
 
     def _write(self, conn: psycopg.Connection[Any], periodic: PeriodicTask, plan: Plan) -> None:
@@ -615,7 +633,7 @@ class Scheduler:
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
-            self._conn = connect_sync(self.url, APPLICATION_NAME)
+            self._conn = connect_sync(self.url, APPLICATION_NAME, lock_timeout=LOCK_TIMEOUT)
         return self._conn
 
     def _drop(self) -> None:

@@ -21,15 +21,24 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any, ClassVar, Literal, TypedDict
 
 import psycopg
 
-from pgjobs.errors import InvalidJobError, PayloadError, SchemaNotReadyError
+from pgjobs.errors import (
+    TRANSIENT_SQLSTATES,
+    DatabaseError,
+    InvalidJobError,
+    PayloadError,
+    SchemaNotReadyError,
+    UniqueConflictError,
+)
 from pgjobs.queries import Queries
 from pgjobs.settings import PRIORITY_MAX, PRIORITY_MIN, validate_queue
 
@@ -42,6 +51,18 @@ KeySource = tuple[str, ...] | ArgsFunction
 
 # A JSON text with an unescaped \u0000: PostgreSQL's jsonb cannot store NUL characters.
 _NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+# The deepest nesting of arrays and objects a stored document may have (arguments, meta,
+# results, progress). Without a bound, json raises RecursionError somewhere near 1000
+# levels, depending on the caller's stack; real payloads nest a few levels.
+MAX_JSON_DEPTH = 100
+# One encoder for every call: json.dumps with options builds a new one each time.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+_CONTAINERS = (dict, list, tuple)  # what json encodes as arrays and objects
+# A JSON string (matched whole, so that a number-like run inside one is left alone), or a
+# number with a positive exponent, which is how repr writes every float from 1e16 up.
+_STRING_OR_EXPONENT = re.compile(
+    r'"[^"\\]*(?:\\.[^"\\]*)*"|(-?[0-9]+(?:\.[0-9]+)?e\+[0-9]+)', re.DOTALL
+)
 # A duplicate whose live job finished in between our insert and our look-up is enqueued
 # again; more rounds than this means something else is wrong.
 _UNIQUE_ROUNDS = 5
@@ -376,6 +397,8 @@ def canonical_json(value: Any, what: str) -> str:
         return json.dumps(
             value, sort_keys=True, ensure_ascii=False, allow_nan=False, separators=(",", ":")
         )
+    except RecursionError:
+        raise PayloadError(_too_deep(what)) from None
     except (TypeError, ValueError) as exc:
         raise PayloadError(f"{what} must be JSON-serialisable: {exc}") from None
 
@@ -476,9 +499,20 @@ def _seconds(delay: float | timedelta | None) -> float:
 
 
 def to_json(value: Any, what: str) -> str:
-    """``value`` as JSON text that PostgreSQL's jsonb accepts, or PayloadError saying why not."""
+    """``value`` as JSON text that PostgreSQL's jsonb accepts and gives back unchanged, or
+    PayloadError saying why not (``what`` names the value in the message, e.g. "job
+    arguments").
+
+    Refused: what json cannot encode (objects, NaN, infinities, cycles), NUL characters and
+    lone surrogates (jsonb cannot store them), nesting deeper than :data:`MAX_JSON_DEPTH`,
+    and dict keys that are not strings at any depth (json would turn ``1`` into ``"1"``,
+    and ``{1: "a", "1": "b"}`` into ``{"1": "b"}``). Every finite float reads back as the
+    same float, however large (only the sign of ``-0.0`` is lost: numeric has no -0).
+    """
     try:
-        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text = _ENCODER.encode(value)
+    except RecursionError:
+        raise PayloadError(_too_deep(what)) from None
     except (TypeError, ValueError) as exc:
         raise PayloadError(f"{what} must be JSON-serialisable: {exc}") from None
     try:
@@ -487,7 +521,88 @@ def to_json(value: Any, what: str) -> str:
         raise PayloadError(f"{what} contain a lone surrogate, which is not valid Unicode") from None
     if _NUL.search(text):
         raise PayloadError(f"{what} contain a NUL character (\\u0000), which jsonb cannot store")
+    # A walk of the value costs more than encoding it, so the text decides whether one is
+    # needed: every level of nesting opens a bracket or brace, and every dict a brace.
+    # Brackets inside strings only make the counts larger, never wrongly small.
+    braces = text.count("{")
+    nested_dicts = braces > 1 if type(value) is dict else braces > 0
+    if nested_dicts or braces + text.count("[") > MAX_JSON_DEPTH:
+        _check_structure(value, what)
+    elif braces:
+        _check_top_keys(value, what)  # a dict holding no other dict
+    if "e+" in text:
+        text = _STRING_OR_EXPONENT.sub(_positional, text)
     return text
+
+
+def _too_deep(what: str) -> str:
+    return f"{what} are nested deeper than {MAX_JSON_DEPTH} levels of arrays and objects"
+
+
+def _not_a_string(what: str, key: object, where: str) -> str:
+    return (
+        f"{what}: dict keys must be strings, but the dict at {where} has the key {key!r} "
+        f"({type(key).__name__}); JSON would turn it into a string, which can collide "
+        "with another key"
+    )
+
+
+def _check_top_keys(value: dict[Any, Any], what: str) -> None:
+    # A plain loop: cheaper than all(...) for the few keys of a typical payload.
+    for key in value:
+        if not isinstance(key, str):
+            raise PayloadError(_not_a_string(what, key, "the top level"))
+
+
+def _check_structure(value: Any, what: str) -> None:
+    """PayloadError if ``value`` nests too deep or has a dict key that is not a string."""
+    fault = _fault(value, 1)
+    if fault is None:
+        return
+    path, key = fault
+    if path is None:
+        raise PayloadError(_too_deep(what))
+    raise PayloadError(_not_a_string(what, key, "".join(reversed(path)) or "the top level"))
+
+
+def _fault(value: Any, depth: int) -> tuple[list[str] | None, object] | None:
+    """The first fault in ``value`` (a container at ``depth``): (None, None) when too deep,
+    else (the path to the dict holding it, innermost segment first; the offending key)."""
+    if depth > MAX_JSON_DEPTH:
+        return None, None
+    entries: Iterable[tuple[str | int, Any]]
+    if isinstance(value, dict):
+        for key in value:
+            if not isinstance(key, str):
+                return [], key
+        entries = value.items()
+    elif isinstance(value, (list, tuple)):
+        entries = enumerate(value)
+    else:
+        return None
+    for where, item in entries:
+        if isinstance(item, _CONTAINERS):
+            fault = _fault(item, depth + 1)
+            if fault is not None:
+                if fault[0] is not None:
+                    segment = (
+                        json.dumps(where, ensure_ascii=False) if isinstance(where, str) else where
+                    )
+                    fault[0].append(f"[{segment}]")
+                return fault
+    return None
+
+
+def _positional(match: re.Match[str]) -> str:
+    number = match.group(1)
+    if number is None:
+        return match.group(0)  # a string
+    # jsonb stores numbers as numeric and prints them without an exponent, so 1e+17 would
+    # read back as the int 100000000000000000 (and "1.0e+17" too: numeric drops the scale
+    # an exponent implies). Written out with a ".0", numeric keeps the scale and reads
+    # back as a float; its digits are repr's, so it is the same float.
+    digits = format(Decimal(number), "f")
+    return digits if "." in digits else digits + ".0"
 
 
 def make_spec(
@@ -506,8 +621,7 @@ def make_spec(
     """
     if not isinstance(args, dict):
         raise InvalidJobError(f"job arguments must be a dict, not {type(args).__name__}")
-    if not all(isinstance(key, str) for key in args):
-        raise PayloadError("job argument names must be strings")
+    # Argument names that are not strings: to_json refuses them (as any non-string key).
     if unique is None and limit_key is None and options.depends_on is None:
         # The common case, kept lean: this runs once per job of a bulk enqueue.
         return JobSpec(
@@ -653,25 +767,30 @@ class Writer:
     def insert(
         self, conn: psycopg.Connection[Any], specs: Sequence[JobSpec], on_duplicate: OnDuplicate
     ) -> list[JobId | None]:
-        """Insert ``specs`` through ``conn``; duplicates resolve per ``on_duplicate``."""
-        if len(specs) == 1 and not specs[0].depends_on:
-            return [self._insert_one(conn, specs[0], on_duplicate)]
-        pending = list(range(len(specs)))
-        ids: list[JobId | None] = [None] * len(specs)
+        """Insert ``specs`` through ``conn``; duplicates resolve per ``on_duplicate``.
+
+        Keyed jobs are written under a savepoint when a round may have to be undone: a
+        batch whose duplicate finished before it was looked up (the batch is written again
+        whole, so its keys are taken in key order again; see insert_jobs), and any keyed
+        write under REPEATABLE READ or SERIALIZABLE (see :class:`UniqueConflictError`).
+        """
+        keyed = any(s.unique_key is not None for s in specs)
+        single = len(specs) == 1 and not specs[0].depends_on
+        guarded = keyed and (not single or _strict_isolation(conn))
         for _ in range(_UNIQUE_ROUNDS):
-            batch = [specs[i] for i in pending]
-            with schema_errors(self.queries.schema), conn.cursor() as cur:
-                cur.execute(*self._batch(batch))
-                inserted = _match_inserted(batch, cur.fetchall())
-                keys = [s.unique_key for s, i in zip(batch, inserted, strict=True) if i is None]
-                existing = (
-                    dict(cur.execute(self.queries.find_live_unique, {"keys": keys}).fetchall())
-                    if keys
-                    else {}
-                )
-            pending = self._resolve(specs, pending, inserted, existing, ids, on_duplicate)
-            if not pending:
-                return ids
+            with (
+                suppress(_KeyVanished),
+                _statement_errors(self.queries.schema, guarded),
+                conn.transaction() if guarded else nullcontext(),
+            ):
+                if single:
+                    ids = self._write_one(conn, specs[0], on_duplicate)
+                else:
+                    ids = self._write_batch(conn, specs, on_duplicate)
+                if ids is not None:
+                    return ids
+                if guarded:
+                    raise _KeyVanished  # undo this round's rows, and the keys they hold
         raise InvalidJobError("unique keys kept changing hands during enqueue; try again")
 
     async def insert_async(
@@ -681,88 +800,159 @@ class Writer:
         on_duplicate: OnDuplicate,
     ) -> list[JobId | None]:
         """The async twin of :meth:`insert`."""
-        if len(specs) == 1 and not specs[0].depends_on:
-            return [await self._insert_one_async(conn, specs[0], on_duplicate)]
-        pending = list(range(len(specs)))
-        ids: list[JobId | None] = [None] * len(specs)
+        keyed = any(s.unique_key is not None for s in specs)
+        single = len(specs) == 1 and not specs[0].depends_on
+        guarded = keyed and (not single or await _strict_isolation_async(conn))
         for _ in range(_UNIQUE_ROUNDS):
-            batch = [specs[i] for i in pending]
-            with schema_errors(self.queries.schema):
-                async with conn.cursor() as cur:
-                    await cur.execute(*self._batch(batch))
-                    inserted = _match_inserted(batch, await cur.fetchall())
-                    keys = [s.unique_key for s, i in zip(batch, inserted, strict=True) if i is None]
-                    existing = {}
-                    if keys:
-                        await cur.execute(self.queries.find_live_unique, {"keys": keys})
-                        existing = dict(await cur.fetchall())
-            pending = self._resolve(specs, pending, inserted, existing, ids, on_duplicate)
-            if not pending:
-                return ids
+            with suppress(_KeyVanished), _statement_errors(self.queries.schema, guarded):
+                async with conn.transaction() if guarded else nullcontext():
+                    if single:
+                        ids = await self._write_one_async(conn, specs[0], on_duplicate)
+                    else:
+                        ids = await self._write_batch_async(conn, specs, on_duplicate)
+                    if ids is not None:
+                        return ids
+                    if guarded:
+                        raise _KeyVanished
         raise InvalidJobError("unique keys kept changing hands during enqueue; try again")
 
-    def _insert_one(
-        self, conn: psycopg.Connection[Any], spec: JobSpec, on_duplicate: OnDuplicate
-    ) -> JobId | None:
-        """One job through ``insert_job`` (scalar parameters); the same rules as insert."""
-        params = _one_params(spec, self._common())
-        for _ in range(_UNIQUE_ROUNDS):
-            with schema_errors(self.queries.schema):
-                row = conn.execute(self.queries.insert_job, params).fetchone()
-                if row is not None:
-                    return JobId(row[0])
-                found = conn.execute(
-                    self.queries.find_live_unique, {"keys": [spec.unique_key]}
-                ).fetchone()
-            if found is not None:
-                return JobId.existing(found[1]) if on_duplicate == "existing" else None
-            # The live duplicate finished in between: insert again.
-        raise InvalidJobError("unique keys kept changing hands during enqueue; try again")
+    def _write_batch(
+        self, conn: psycopg.Connection[Any], specs: Sequence[JobSpec], on_duplicate: OnDuplicate
+    ) -> list[JobId | None] | None:
+        """One round of :meth:`insert`; None when a duplicate's live job vanished."""
+        with conn.cursor() as cur:
+            cur.execute(*self._batch(specs))
+            inserted = _match_inserted(specs, cur.fetchall())
+            keys = _skipped_keys(specs, inserted)
+            existing = {}
+            if keys:
+                existing = dict(cur.execute(self.queries.find_live_unique, {"keys": keys}))
+        return _resolve(specs, inserted, existing, on_duplicate)
 
-    async def _insert_one_async(
-        self, conn: psycopg.AsyncConnection[Any], spec: JobSpec, on_duplicate: OnDuplicate
-    ) -> JobId | None:
-        """The async twin of :meth:`_insert_one`."""
-        params = _one_params(spec, self._common())
-        for _ in range(_UNIQUE_ROUNDS):
-            with schema_errors(self.queries.schema):
-                cur = await conn.execute(self.queries.insert_job, params)
-                row = await cur.fetchone()
-                if row is not None:
-                    return JobId(row[0])
-                cur = await conn.execute(self.queries.find_live_unique, {"keys": [spec.unique_key]})
-                found = await cur.fetchone()
-            if found is not None:
-                return JobId.existing(found[1]) if on_duplicate == "existing" else None
-        raise InvalidJobError("unique keys kept changing hands during enqueue; try again")
-
-    @staticmethod
-    def _resolve(
+    async def _write_batch_async(
+        self,
+        conn: psycopg.AsyncConnection[Any],
         specs: Sequence[JobSpec],
-        pending: list[int],
-        inserted: list[JobId | None],
-        existing: dict[str, int],
-        ids: list[JobId | None],
         on_duplicate: OnDuplicate,
-    ) -> list[int]:
-        """Fill ``ids``; return the positions whose live duplicate vanished (to insert again).
+    ) -> list[JobId | None] | None:
+        """The async twin of :meth:`_write_batch`."""
+        async with conn.cursor() as cur:
+            await cur.execute(*self._batch(specs))
+            inserted = _match_inserted(specs, await cur.fetchall())
+            keys = _skipped_keys(specs, inserted)
+            existing = {}
+            if keys:
+                await cur.execute(self.queries.find_live_unique, {"keys": keys})
+                existing = dict(await cur.fetchall())
+        return _resolve(specs, inserted, existing, on_duplicate)
 
-        A duplicate within one call resolves too: the look-up sees this transaction's rows.
-        """
-        again = []
-        for position, job_id in zip(pending, inserted, strict=True):
-            if job_id is not None:
-                ids[position] = job_id
-                continue
-            key = specs[position].unique_key
-            assert key is not None
-            if key in existing:
-                ids[position] = (
-                    JobId.existing(existing[key]) if on_duplicate == "existing" else None
-                )
-            else:
-                again.append(position)
-        return again
+    def _write_one(
+        self, conn: psycopg.Connection[Any], spec: JobSpec, on_duplicate: OnDuplicate
+    ) -> list[JobId | None] | None:
+        """One job through ``insert_job`` (scalar parameters); None as for _write_batch."""
+        row = conn.execute(self.queries.insert_job, _one_params(spec, self._common())).fetchone()
+        if row is not None:
+            return [JobId(row[0])]
+        found = conn.execute(self.queries.find_live_unique, {"keys": [spec.unique_key]})
+        return _resolve([spec], [None], dict(found.fetchall()), on_duplicate)
+
+    async def _write_one_async(
+        self, conn: psycopg.AsyncConnection[Any], spec: JobSpec, on_duplicate: OnDuplicate
+    ) -> list[JobId | None] | None:
+        """The async twin of :meth:`_write_one`."""
+        cur = await conn.execute(self.queries.insert_job, _one_params(spec, self._common()))
+        row = await cur.fetchone()
+        if row is not None:
+            return [JobId(row[0])]
+        cur = await conn.execute(self.queries.find_live_unique, {"keys": [spec.unique_key]})
+        return _resolve([spec], [None], dict(await cur.fetchall()), on_duplicate)
+
+
+class _KeyVanished(Exception):
+    """A round of a keyed batch found a duplicate whose live job has finished since."""
+
+
+def _skipped_keys(specs: Sequence[JobSpec], inserted: list[JobId | None]) -> list[str | None]:
+    return [s.unique_key for s, job_id in zip(specs, inserted, strict=True) if job_id is None]
+
+
+def _resolve(
+    specs: Sequence[JobSpec],
+    inserted: list[JobId | None],
+    existing: dict[str, int],
+    on_duplicate: OnDuplicate,
+) -> list[JobId | None] | None:
+    """The ids to return for ``specs``, or None when a skipped duplicate's live job has
+    finished between the insert and the look-up (then the round is written again).
+
+    A duplicate within one call resolves too: the look-up sees this transaction's rows.
+    """
+    ids: list[JobId | None] = []
+    for spec, job_id in zip(specs, inserted, strict=True):
+        if job_id is None:
+            key = spec.unique_key
+            if key not in existing:
+                return None
+            job_id = JobId.existing(existing[key]) if on_duplicate == "existing" else None
+        ids.append(job_id)
+    return ids
+
+
+# The isolation level a connection's transactions get by default, asked once per
+# connection when psycopg was not told one.
+_DEFAULT_STRICT: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+_STRICT_LEVELS = ("repeatable read", "serializable")
+
+
+def _strict_isolation(conn: psycopg.Connection[Any]) -> bool:
+    """Whether ``conn``'s transactions run under REPEATABLE READ or SERIALIZABLE."""
+    if conn.isolation_level is not None:
+        return conn.isolation_level.name.replace("_", " ").lower() in _STRICT_LEVELS
+    strict = _DEFAULT_STRICT.get(conn)
+    if strict is None:
+        row = conn.execute("SHOW default_transaction_isolation").fetchone()
+        strict = _DEFAULT_STRICT[conn] = row is not None and row[0] in _STRICT_LEVELS
+    return strict
+
+
+async def _strict_isolation_async(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """The async twin of :func:`_strict_isolation`."""
+    if conn.isolation_level is not None:
+        return conn.isolation_level.name.replace("_", " ").lower() in _STRICT_LEVELS
+    strict = _DEFAULT_STRICT.get(conn)
+    if strict is None:
+        cur = await conn.execute("SHOW default_transaction_isolation")
+        row = await cur.fetchone()
+        strict = _DEFAULT_STRICT[conn] = row is not None and row[0] in _STRICT_LEVELS
+    return strict
+
+
+@contextmanager
+def _statement_errors(schema: str, guarded: bool) -> Iterator[None]:
+    """pgjobs errors for what the database answered an enqueue. ``guarded``: the write ran
+    under a savepoint, so a serialization failure undid only pgjobs' own work."""
+    try:
+        with schema_errors(schema):
+            yield
+    except psycopg.errors.SerializationFailure as exc:
+        if not guarded:
+            raise _database_error(exc) from exc
+        raise UniqueConflictError(
+            "a unique key of this enqueue is held by a job committed after this "
+            "transaction's snapshot (REPEATABLE READ or SERIALIZABLE): nothing was written "
+            "and the transaction is still usable; enqueue again in a new transaction to get "
+            "the existing job",
+            exc.sqlstate,
+        ) from exc
+    except psycopg.Error as exc:
+        raise _database_error(exc) from exc
+
+
+def _database_error(exc: psycopg.Error) -> DatabaseError:
+    message = " ".join((exc.diag.message_primary or str(exc)).split())
+    if exc.sqlstate in TRANSIENT_SQLSTATES:
+        message += ": PostgreSQL rolled back the transaction; run it again"
+    return DatabaseError(f"enqueue failed: {message}", exc.sqlstate)
 
 
 @contextmanager

@@ -34,7 +34,34 @@ class JobNotFoundError(PgJobsError, LookupError):
 
 
 class DatabaseError(PgJobsError):
-    """The database could not be reached or refused a pgjobs statement."""
+    """The database could not be reached or refused a pgjobs statement.
+
+    ``sqlstate`` is PostgreSQL's error code when the server gave one, and ``__cause__``
+    psycopg's exception. ``40P01`` (a deadlock) and ``40001`` (a serialization failure)
+    mean that PostgreSQL rolled the caller's transaction back: run it again
+    (:attr:`retry_transaction` says so).
+    """
+
+    def __init__(self, message: str, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+    @property
+    def retry_transaction(self) -> bool:
+        """Whether running the whole transaction again is the remedy."""
+        return self.sqlstate in TRANSIENT_SQLSTATES
+
+
+# Deadlock detected, serialization failure: the transaction lost a race, and only it.
+TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})
+
+
+class UniqueConflictError(DatabaseError):
+    """Under REPEATABLE READ or SERIALIZABLE, a unique key is held by a job that the
+    caller's transaction cannot see (it committed after the transaction's snapshot was
+    taken), so pgjobs can neither insert the job nor name the one that holds the key.
+    Nothing was written and the transaction is still usable; enqueueing again in a new
+    transaction returns the existing job."""
 
 
 class SchemaNotReadyError(DatabaseError):

@@ -9,7 +9,12 @@ batch writes. Policy:
   ``retryable`` after the task's backoff (default: :func:`pgjobs.outcomes.default_backoff`);
   anything else, or no attempts left → ``dead``;
 * a timeout is a :class:`~pgjobs.outcomes.JobTimeoutError` and follows the same policy;
-* a job whose task is unknown, or whose arguments do not fit the task, is ``dead`` at once.
+* a job whose task is unknown, or whose arguments do not fit the task, is ``dead`` at once;
+  so is one whose result cannot be stored (see :func:`pgjobs.enqueue.to_json`).
+
+Every outcome is recorded, whatever the handler returns or raises: an exception that
+cannot print itself is recorded as ``<unprintable TypeName>``, one whose traceback cannot
+be formatted with the frames alone.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any, NamedTuple
 
 from pgjobs.context import JobContext
 from pgjobs.enqueue import to_json
-from pgjobs.errors import InvalidJobError, PayloadError, UnknownTaskError
+from pgjobs.errors import InvalidJobError, UnknownTaskError
 from pgjobs.outcomes import Cancel, JobTimeoutError, Retry, Snooze, default_backoff
 from pgjobs.task import Task
 from pgjobs.threads import ElasticThreadPool
@@ -47,11 +52,14 @@ class ClaimedJob(NamedTuple):
     attempts: int
     max_attempts: int
     lease_token: uuid.UUID
+    # False while the job waits in the prefetch buffer: its attempt is spent (start_jobs)
+    # only when it starts, and ``attempts`` is then one more.
+    started: bool = True
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> ClaimedJob:
         """From a row of ``claim_jobs`` (its last column, ``next_due``, is not the job's)."""
-        return cls._make(row[:9])
+        return cls._make(row[:10])
 
 
 class Finish(NamedTuple):
@@ -82,10 +90,13 @@ def handed_back(job: ClaimedJob, error: str | None = None) -> Finish:
 def error_entry(
     job: ClaimedJob, worker: str, exc: BaseException | None, type_: str, message: str
 ) -> str:
-    """One element of a job's ``errors`` history, as JSON (``at`` is added by the database)."""
-    text = ""
-    if exc is not None:
-        text = "".join(traceback.format_exception(exc))[-TRACEBACK_LIMIT:]
+    """One element of a job's ``errors`` history, as JSON (``at`` is added by the database).
+
+    Never raises for a bad ``exc`` or ``message``: the history must be written whatever
+    the job raised (see :func:`_format_traceback` and :func:`_printable`)."""
+    text = "" if exc is None else _format_traceback(exc)[-TRACEBACK_LIMIT:]
+    if not isinstance(message, str):  # e.g. Cancel(reason=42)
+        message = _printable(message)
     return to_json(
         {
             "attempt": job.attempts,
@@ -96,6 +107,34 @@ def error_entry(
         },
         "errors",
     )
+
+
+def _printable(value: object) -> str:
+    """``str(value)``, or ``<unprintable TypeName>`` when its ``__str__`` raises (or returns
+    something else than a str): a job's exception runs its own code when printed."""
+    try:
+        text = str(value)
+    except Exception:
+        text = None
+    if not isinstance(text, str):
+        return f"<unprintable {_class_name(value)}>"
+    return text
+
+
+def _format_traceback(exc: BaseException) -> str:
+    """The traceback as Python prints it; when formatting raises (it runs the exception's
+    own code: its ``__notes__``, its causes), the frames alone and why the rest is missing."""
+    try:
+        return "".join(traceback.format_exception(exc))
+    except Exception as failure:
+        try:
+            frames = "".join(traceback.format_tb(exc.__traceback__))
+        except Exception:
+            frames = ""
+        return (
+            f"Traceback (most recent call last):\n{frames}{_type_name(exc)}: "
+            f"<traceback could not be formatted: {_class_name(failure)}: {_printable(failure)}>\n"
+        )
 
 
 def _explain(task: Task[Any, Any], job: ClaimedJob, exc: BaseException) -> BaseException:
@@ -110,15 +149,21 @@ def _explain(task: Task[Any, Any], job: ClaimedJob, exc: BaseException) -> BaseE
 
 
 def _clean(text: str) -> str:
-    # jsonb cannot store NUL, and a lone surrogate cannot be encoded at all.
-    return text.replace("\x00", "\\0").encode("utf-8", "replace").decode("utf-8")
+    # jsonb cannot store NUL, and a lone surrogate cannot be encoded at all. str.* methods,
+    # not the object's: a str subclass may override them.
+    text = str.replace(text, "\x00", "\\0")
+    return str.encode(text, "utf-8", "replace").decode("utf-8")
 
 
 def _type_name(exc: BaseException) -> str:
     cls = type(exc)
-    return (
-        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-    )
+    module, name = getattr(cls, "__module__", None), _class_name(exc)
+    return name if module == "builtins" or not isinstance(module, str) else f"{module}.{name}"
+
+
+def _class_name(value: object) -> str:
+    name = getattr(type(value), "__qualname__", None)
+    return name if isinstance(name, str) else "object"
 
 
 class Executor:
@@ -130,18 +175,24 @@ class Executor:
         self.threads = ElasticThreadPool()
 
     async def execute(self, job: ClaimedJob, ctx: JobContext | None) -> Finish:
-        """Run ``job`` and return its outcome. Never raises except CancelledError."""
+        """Run ``job`` and return its outcome. Never raises except CancelledError: an
+        outcome that cannot even be classified ends the job ``dead`` (see
+        :meth:`_unclassified`), for a job whose outcome is never recorded would stay
+        ``running`` for as long as its worker lives."""
         task = self.tasks.get(job.task)
         if task is None:
             return self._unknown_task(job)
         try:
-            kwargs = self._arguments(task, job, ctx)
-            value = await self._call(task, kwargs, ctx)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            return self.classify_exception(job, task, _explain(task, job, exc))
-        return self.classify_value(job, task, value)
+            try:
+                kwargs = self._arguments(task, job, ctx)
+                value = await self._call(task, kwargs, ctx)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                return self.classify_exception(job, task, _explain(task, job, exc))
+            return self.classify_value(job, task, value)
+        except Exception as failure:
+            return self._unclassified(job, failure)
 
     def _arguments(
         self, task: Task[Any, Any], job: ClaimedJob, ctx: JobContext | None
@@ -180,8 +231,12 @@ class Executor:
             return self.classify_exception(job, task, value)
         try:
             return succeeded(job, value)
-        except PayloadError as exc:
-            return self._dead(job, exc, f"the job's result cannot be stored: {exc}")
+        except Exception as exc:
+            # Mostly PayloadError, but encoding also runs the value's own code (a dict
+            # subclass's items()), and whatever that raises cannot be stored either. Not
+            # retried: the handler's side effects are done, and it would likely return the
+            # same value again.
+            return self._dead(job, exc, f"the job's result cannot be stored: {_printable(exc)}")
 
     def classify_exception(
         self, job: ClaimedJob, task: Task[Any, Any], exc: BaseException
@@ -194,22 +249,28 @@ class Executor:
             error = error_entry(job, self.worker, None, "Cancel", exc.reason)
             return Finish(job.id, job.lease_token, "cancelled", error=error, note="cancelled")
         if isinstance(exc, InvalidJobError):
-            return self._dead(job, exc, str(exc))
+            return self._dead(job, exc, _printable(exc))
         config = task.config
         retry = isinstance(exc, Retry) or (
             isinstance(exc, config.retry_on) and not isinstance(exc, config.discard_on)
         )
         if not retry or job.attempts >= job.max_attempts:
-            return self._dead(job, exc, str(exc))
+            return self._dead(job, exc, _printable(exc))
         delay = exc.delay if isinstance(exc, Retry) else None
         if delay is None:
             delay = _backoff(config.backoff, job.attempts)
-        error = error_entry(job, self.worker, _traceback_of(exc), _type_name(exc), str(exc))
+        error = error_entry(job, self.worker, _traceback_of(exc), _type_name(exc), _printable(exc))
         return Finish(job.id, job.lease_token, "retryable", delay=delay, error=error, note="retry")
 
     def _dead(self, job: ClaimedJob, exc: BaseException, message: str) -> Finish:
         error = error_entry(job, self.worker, _traceback_of(exc), _type_name(exc), message)
         return Finish(job.id, job.lease_token, "dead", error=error, note="dead")
+
+    def _unclassified(self, job: ClaimedJob, failure: Exception) -> Finish:
+        # The last resort: the task's policy could not be applied to the outcome (an
+        # outcome object whose attributes raise, say), so nothing says a retry would help.
+        message = f"the job's outcome could not be classified: {_printable(failure)}"
+        return self._dead(job, failure, message)
 
     def _unknown_task(self, job: ClaimedJob) -> Finish:
         known = ", ".join(sorted(self.tasks)) or "none"

@@ -1,9 +1,10 @@
 """The one LISTEN connection of a worker process.
 
-Enqueue sends ``{"queue": name, "jobs": n}`` on the schema's channel when it commits jobs
-that are runnable now; the listener passes the queues this worker serves on to the claim
-loop, which claims at most as many jobs as it has free slots with one statement (so one
-notification costs each idle process one claim, never one per slot).
+Enqueue sends ``{"queue": name}`` on the schema's channel when it commits jobs that are
+runnable now (no count, so PostgreSQL folds the notifications of one transaction into one
+per queue, however many statements enqueued); the listener passes the queues this worker
+serves on to the claim loop, which claims at most as many jobs as it has free slots with
+one statement (so one notification costs each idle process one claim, never one per slot).
 
 Notifications are hints, never the only way a job is found: the connection is dedicated,
 autocommit and never inside a transaction (a listener stuck in a transaction would fill

@@ -96,60 +96,33 @@ ORDER BY id;
 
 
 -- name: retry_jobs
--- Make these jobs runnable now: those in one of `states` become `available`, keep their
--- attempts and error history, and get one more attempt if they used all of theirs
--- (max_attempts raised to attempts + 1), so a retry always runs the job once more.
--- A job whose unique_key is held by another live job is left as it is (a retry must not
--- make a duplicate), and of several retried jobs sharing a key only the oldest is
--- retried. One NOTIFY per queue wakes the workers, as enqueue does, unless the server's
+-- Make these jobs runnable now (the function retry_jobs, migration 0005): those in one
+-- of `states` become `available`, keep their attempts and error history, and get one more
+-- attempt if they used all of theirs (max_attempts raised to attempts + 1), so a retry
+-- always runs the job once more. A job whose unique_key is held by another live job, or
+-- by one a producer is inserting at this moment, is left as it is (a retry must not make
+-- a duplicate), and of several retried jobs sharing a key only the oldest is retried.
+-- One NOTIFY per queue wakes the workers, as enqueue does, unless the server's
 -- notification queue is filling up (the fallback poll finds them then).
-WITH locked AS MATERIALIZED (
-    SELECT j.id, j.unique_key
-    FROM {schema}.jobs AS j
-    WHERE j.id = ANY(%(ids)b::bigint[])
-      AND j.state::text = ANY(%(states)b::text[])
-    ORDER BY j.id
-    FOR NO KEY UPDATE
-),
-eligible AS (
-    SELECT id FROM locked WHERE unique_key IS NULL
-    UNION ALL
-    SELECT min(l.id)
-    FROM locked AS l
-    WHERE l.unique_key IS NOT NULL
-      AND NOT EXISTS (
-          SELECT 1 FROM {schema}.jobs AS live
-          WHERE live.unique_key = l.unique_key
-            AND live.id <> l.id
-            AND live.state IN ('scheduled', 'available', 'running', 'retryable', 'pending'))
-    GROUP BY l.unique_key
-),
-retried AS (
-    UPDATE {schema}.jobs AS j
-    SET state = 'available',
-        run_at = now(),
-        finished_at = NULL,
-        max_attempts = greatest(j.max_attempts, j.attempts + 1),
-        errors = j.errors || jsonb_build_array(jsonb_build_object(
-            'attempt', j.attempts,
-            'at', now(),
-            'type', 'Retried',
-            'message', format('retried by an operator from state %%s', j.state),
-            'traceback', NULL,
-            'worker', NULL,
-            'operator', %(operator)s::text))
-    FROM eligible
-    WHERE j.id = eligible.id
-    RETURNING j.id, j.queue
+WITH retried AS (
+    SELECT r.id, r.queue
+    FROM {schema}.retry_jobs(%(ids)b::bigint[], %(states)b::text[], %(operator)s::text) AS r
 ),
 notified AS (
-    SELECT count(pg_notify(%(channel)s, json_build_object('queue', queue, 'jobs', jobs)::text))
-    FROM (SELECT queue, count(*) AS jobs FROM retried GROUP BY queue) AS per_queue
+    SELECT count(pg_notify(%(channel)s, json_build_object('queue', queue)::text))
+    FROM (SELECT DISTINCT queue FROM retried) AS per_queue
     WHERE pg_notification_queue_usage() < %(notify_queue_limit)s
 )
 SELECT retried.id
 FROM retried CROSS JOIN notified
 ORDER BY retried.id;
+
+
+-- name: keyed_jobs
+-- Which of these jobs hold a unique key only while live (retry_jobs takes those one by
+-- one, each in a subtransaction, so the caller sends them a few dozen at a time).
+SELECT id FROM {schema}.jobs
+WHERE id = ANY(%(ids)b::bigint[]) AND unique_key IS NOT NULL AND unique_until IS NULL;
 
 
 -- ===== dead-letter queue =====
@@ -276,7 +249,7 @@ RETURNING name, paused, concurrency_limit, rate_limit, rate_period, limit_per_ke
 -- name: wake_queue
 -- After a resume: tell idle workers the queue has work (they would otherwise find it at
 -- their next fallback poll). The same payload and notification-queue guard as enqueue.
-SELECT pg_notify(%(channel)s, json_build_object('queue', %(name)s::text, 'jobs', n)::text)
+SELECT pg_notify(%(channel)s, json_build_object('queue', %(name)s::text)::text)
 FROM (SELECT count(*) AS n FROM {schema}.jobs
       WHERE queue = %(name)s AND state IN ('available', 'scheduled', 'retryable')
         AND run_at <= now()) AS runnable

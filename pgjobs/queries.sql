@@ -17,8 +17,12 @@
 -- application's commit can never fail because of it; workers then find the job by polling.
 -- unique_until (a key held for a period, in every state) and limit_key are NULL unless
 -- asked for. Jobs with dependencies go through insert_dependent_jobs instead.
-WITH input AS (
-    SELECT r.ord, r.queue, r.task, r.args::jsonb AS args, r.priority, r.max_attempts,
+-- Ids are drawn in input order (the CTE is materialized so that its nextval runs in scan
+-- order), but rows are inserted in unique_key order: two batches whose keys overlap then
+-- wait for each other's keys in one global order, and cannot deadlock.
+WITH input AS MATERIALIZED (
+    SELECT nextval((SELECT pg_get_serial_sequence('{schema}.jobs', 'id'))::regclass) AS id,
+           r.ord, r.queue, r.task, r.args::jsonb AS args, r.priority, r.max_attempts,
            coalesce(r.run_at, now() + make_interval(secs => r.delay)) AS run_at,
            r.unique_key, r.unique_until, r.limit_key, r.meta::jsonb AS meta
     FROM unnest(%(queue)b::text[], %(task)b::text[], %(args)b::text[], %(priority)b::int2[],
@@ -29,13 +33,13 @@ WITH input AS (
                               unique_key, unique_until, limit_key, meta, ord)
 ),
 inserted AS (
-    INSERT INTO {schema}.jobs (queue, task, args, state, priority, max_attempts, run_at,
+    INSERT INTO {schema}.jobs (id, queue, task, args, state, priority, max_attempts, run_at,
                                unique_key, unique_until, limit_key, meta)
-    SELECT queue, task, args,
+    SELECT id, queue, task, args,
            CASE WHEN run_at > now() THEN 'scheduled' ELSE 'available' END::{schema}.job_state,
            priority, max_attempts, run_at, unique_key, unique_until, limit_key, meta
     FROM input
-    ORDER BY ord
+    ORDER BY unique_key, ord
     ON CONFLICT (unique_key)
         WHERE unique_key IS NOT NULL
           AND (state IN ('scheduled', 'available', 'running', 'retryable', 'pending')
@@ -44,9 +48,8 @@ inserted AS (
     RETURNING id, queue, task, state, unique_key
 ),
 notified AS (
-    SELECT count(pg_notify(%(channel)s, json_build_object('queue', queue, 'jobs', jobs)::text))
-    FROM (SELECT queue, count(*) AS jobs FROM inserted
-          WHERE state = 'available' GROUP BY queue) AS per_queue
+    SELECT count(pg_notify(%(channel)s, json_build_object('queue', queue)::text))
+    FROM (SELECT DISTINCT queue FROM inserted WHERE state = 'available') AS per_queue
     WHERE %(notify)s AND pg_notification_queue_usage() < %(notify_queue_limit)s
 ),
 published AS (
@@ -86,7 +89,7 @@ WITH inserted AS (
     RETURNING id, queue, task, state
 ),
 notified AS (
-    SELECT count(pg_notify(%(channel)s, json_build_object('queue', queue, 'jobs', 1)::text))
+    SELECT count(pg_notify(%(channel)s, json_build_object('queue', queue)::text))
     FROM inserted
     WHERE state = 'available' AND %(notify)s
       AND pg_notification_queue_usage() < %(notify_queue_limit)s
@@ -122,8 +125,11 @@ FROM inserted CROSS JOIN notified CROSS JOIN published;
 -- A parent id that does not exist (or is not visible yet: its enqueue has not committed)
 -- writes nothing at all and comes back in `missing` (one extra row with a NULL id), so
 -- the caller gets an error and its transaction stays usable.
-WITH input AS (
-    SELECT r.ord, r.queue, r.task, r.args::jsonb AS args, r.priority, r.max_attempts,
+-- Ids and the insert order are those of insert_jobs: ids in input order, rows in
+-- unique_key order (after the parents' locks, taken in id order).
+WITH input AS MATERIALIZED (
+    SELECT nextval((SELECT pg_get_serial_sequence('{schema}.jobs', 'id'))::regclass) AS id,
+           r.ord, r.queue, r.task, r.args::jsonb AS args, r.priority, r.max_attempts,
            coalesce(r.run_at, now() + make_interval(secs => r.delay)) AS run_at,
            r.unique_key, r.unique_until, r.limit_key, r.meta::jsonb AS meta,
            r.depends_on::bigint[] AS depends_on, r.on_parent_failure
@@ -167,10 +173,10 @@ planned AS (
     ) AS f ON true
 ),
 inserted AS (
-    INSERT INTO {schema}.jobs (queue, task, args, state, priority, max_attempts, run_at,
+    INSERT INTO {schema}.jobs (id, queue, task, args, state, priority, max_attempts, run_at,
                                unique_key, unique_until, limit_key, meta, depends_on,
                                waiting_for, on_parent_failure, finished_at, errors)
-    SELECT queue, task, args,
+    SELECT id, queue, task, args,
            CASE WHEN failed_parent IS NOT NULL
                     THEN CASE WHEN on_parent_failure = 'cancel' THEN 'cancelled' ELSE 'dead' END
                 WHEN cardinality(waiting_for) > 0 THEN 'pending'
@@ -193,7 +199,7 @@ inserted AS (
                     'worker', NULL)) END
     FROM planned
     WHERE (SELECT cardinality(ids) FROM missing) = 0
-    ORDER BY ord
+    ORDER BY unique_key, ord
     ON CONFLICT (unique_key)
         WHERE unique_key IS NOT NULL
           AND (state IN ('scheduled', 'available', 'running', 'retryable', 'pending')
@@ -212,9 +218,8 @@ linked AS (
     WHERE j.id = l.parent
 ),
 notified AS (
-    SELECT count(pg_notify(%(channel)s, json_build_object('queue', queue, 'jobs', jobs)::text))
-    FROM (SELECT queue, count(*) AS jobs FROM inserted
-          WHERE state = 'available' GROUP BY queue) AS per_queue
+    SELECT count(pg_notify(%(channel)s, json_build_object('queue', queue)::text))
+    FROM (SELECT DISTINCT queue FROM inserted WHERE state = 'available') AS per_queue
     WHERE %(notify)s AND pg_notification_queue_usage() < %(notify_queue_limit)s
 ),
 published AS (
@@ -294,7 +299,7 @@ WITH served AS MATERIALIZED (
           AND (p.paused OR p.concurrency_limit IS NOT NULL OR p.rate_limit IS NOT NULL))
 ),
 candidates AS MATERIALIZED (
-    SELECT c.id
+    SELECT c.id, c.priority, c.run_at
     FROM served AS q
     CROSS JOIN LATERAL (
         SELECT j.id, j.priority, j.run_at
@@ -310,16 +315,25 @@ candidates AS MATERIALIZED (
     ORDER BY c.priority, c.run_at, c.id
     LIMIT %(limit)s
 ),
+starting AS MATERIALIZED (
+    -- The first %(start)s claimed jobs start at once (the worker's free slots); the others
+    -- wait in its prefetch buffer: running, but not started and no attempt spent. Read
+    -- only when the worker prefetches (start < limit): otherwise every claimed job starts.
+    SELECT id FROM candidates ORDER BY priority, run_at, id LIMIT %(start)s
+),
 claimed AS (
     UPDATE {schema}.jobs AS j
     SET state = 'running',
-        attempts = j.attempts + 1,
+        attempts = j.attempts
+                   + CASE WHEN %(start)s::int >= %(limit)s::int
+                            OR j.id = ANY (ARRAY(SELECT id FROM starting)) THEN 1 ELSE 0 END,
         worker = %(worker)s,
         lease_token = gen_random_uuid(),
-        started_at = now()
+        started_at = CASE WHEN %(start)s::int >= %(limit)s::int
+                                OR j.id = ANY (ARRAY(SELECT id FROM starting)) THEN now() END
     WHERE j.id = ANY (ARRAY(SELECT id FROM candidates))
     RETURNING j.id, j.queue, j.task, j.args, j.priority, j.run_at, j.attempts,
-              j.max_attempts, j.lease_token
+              j.max_attempts, j.lease_token, j.started_at IS NOT NULL AS started
 ),
 -- Events (opt-in, see events.py): only while a subscriber is connected does the worker
 -- pass events = true; then ONE notification lists the started jobs (never their args).
@@ -332,10 +346,10 @@ notified AS (
     WHERE %(events)s
 )
 SELECT id, queue, task, args, priority, run_at, attempts, max_attempts, lease_token,
-       NULL::float8 AS next_due
+       started, NULL::float8 AS next_due
 FROM claimed CROSS JOIN notified
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        (SELECT extract(epoch FROM min(w.run_at) - now())::float8
         FROM served AS q
         CROSS JOIN LATERAL (
@@ -448,7 +462,7 @@ candidates AS MATERIALIZED (
        OR NOT EXISTS (SELECT 1 FROM room AS f WHERE f.queue = l.name AND f.room <= 0)
 ),
 chosen AS MATERIALIZED (
-    SELECT ranked.id
+    SELECT ranked.id, ranked.priority, ranked.run_at
     FROM (SELECT c.*, row_number() OVER (PARTITION BY c.queue, c.part
                                          ORDER BY c.priority, c.run_at, c.id) AS rn
           FROM candidates AS c) AS ranked
@@ -460,16 +474,25 @@ chosen AS MATERIALIZED (
     ORDER BY ranked.priority, ranked.run_at, ranked.id
     LIMIT %(limit)s
 ),
+starting AS MATERIALIZED (
+    -- As in claim_jobs: jobs beyond the free slots wait in the prefetch buffer unstarted
+    -- (they count as running and, in a rate-limited queue, as started).
+    SELECT id FROM chosen ORDER BY priority, run_at, id LIMIT %(start)s
+),
 claimed AS (
     UPDATE {schema}.jobs AS j
     SET state = 'running',
-        attempts = j.attempts + 1,
+        attempts = j.attempts
+                   + CASE WHEN %(start)s::int >= %(limit)s::int
+                            OR j.id = ANY (ARRAY(SELECT id FROM starting)) THEN 1 ELSE 0 END,
         worker = %(worker)s,
         lease_token = gen_random_uuid(),
-        started_at = statement_timestamp()
+        started_at = CASE WHEN %(start)s::int >= %(limit)s::int
+                                OR j.id = ANY (ARRAY(SELECT id FROM starting))
+                          THEN statement_timestamp() END
     WHERE j.id = ANY (ARRAY(SELECT id FROM chosen))
     RETURNING j.id, j.queue, j.task, j.args, j.priority, j.run_at, j.attempts,
-              j.max_attempts, j.lease_token, j.limit_key
+              j.max_attempts, j.lease_token, j.limit_key, j.started_at IS NOT NULL AS started
 ),
 logged AS (
     INSERT INTO {schema}.queue_starts (queue, limit_key, started_at)
@@ -495,10 +518,10 @@ notified AS (
     WHERE %(events)s
 )
 SELECT id, queue, task, args, priority, run_at, attempts, max_attempts, lease_token,
-       NULL::float8 AS next_due
+       started, NULL::float8 AS next_due
 FROM claimed CROSS JOIN notified
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        extract(epoch FROM least(
            (SELECT min(w.run_at)
             FROM limits AS q
@@ -516,6 +539,20 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
             JOIN limits AS l ON l.name = s.queue
             WHERE s.n >= l.rate_limit)) - statement_timestamp())::float8
 WHERE (SELECT count(*) FROM claimed) < %(limit)s;
+
+
+-- name: start_jobs
+-- The worker starts jobs from its prefetch buffer: each spends its attempt now, before its
+-- handler runs (a job that kills its worker still reaches max_attempts and dead).
+-- Idempotent, so a write whose answer was lost can be sent again; fenced by the lease (a
+-- job cancelled or rescued meanwhile is not returned, and the worker drops it). Ids come
+-- sorted, so rows are locked in id order, as in finish_jobs.
+UPDATE {schema}.jobs AS j
+SET attempts = j.attempts + CASE WHEN j.started_at IS NULL THEN 1 ELSE 0 END,
+    started_at = coalesce(j.started_at, now())
+FROM unnest(%(id)b::bigint[], %(lease_token)b::uuid[]) AS s(id, lease_token)
+WHERE j.id = s.id AND j.lease_token = s.lease_token AND j.state = 'running'
+RETURNING j.id, j.attempts;
 
 
 -- name: finish_jobs
@@ -550,7 +587,8 @@ finished AS (
         errors = CASE WHEN o.error IS NULL THEN j.errors
                       ELSE j.errors || jsonb_build_array(
                                o.error::jsonb || jsonb_build_object('at', now())) END,
-        attempts = j.attempts - o.refund,
+        -- A job handed back from a prefetch buffer never spent an attempt.
+        attempts = j.attempts - CASE WHEN j.started_at IS NULL THEN 0 ELSE o.refund END,
         finished_at = CASE WHEN o.state IN ('succeeded', 'dead', 'cancelled') THEN now() END,
         lease_token = NULL
     FROM outcome AS o
@@ -672,7 +710,8 @@ DELETE FROM {schema}.workers WHERE id = %(id)s;
 
 -- name: rescue_jobs
 -- Return the running jobs of workers whose heartbeat expired (or whose row is gone) to
--- `available`, counting the lost attempt; a job out of attempts goes `dead` with a
+-- `available`, counting the lost attempt (a job still in the worker's prefetch buffer,
+-- started_at NULL, spent none); a job out of attempts goes `dead` with a
 -- "worker died" error, so a job that kills its worker every time ends in the dead-letter
 -- queue. Expired worker rows are deleted in the same statement. SKIP LOCKED throughout:
 -- live workers running this at the same time split the work instead of waiting on each
@@ -696,19 +735,23 @@ orphans AS MATERIALIZED (
 ),
 rescued AS (
     UPDATE {schema}.jobs AS j
-    SET state = CASE WHEN j.attempts >= j.max_attempts THEN 'dead'
-                     ELSE 'available' END::{schema}.job_state,
+    SET state = CASE WHEN j.attempts >= j.max_attempts AND j.started_at IS NOT NULL
+                     THEN 'dead' ELSE 'available' END::{schema}.job_state,
         run_at = now(),
         lease_token = NULL,
-        finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
-        errors = j.errors || jsonb_build_array(jsonb_build_object(
-            'attempt', j.attempts,
-            'at', now(),
-            'type', 'WorkerDied',
-            'message', format('worker %%s died (no heartbeat for %%s s) while running the job',
-                              j.worker, %(timeout)s),
-            'traceback', NULL,
-            'worker', j.worker))
+        finished_at = CASE WHEN j.attempts >= j.max_attempts AND j.started_at IS NOT NULL
+                           THEN now() END,
+        -- A job that waited in the dead worker's prefetch buffer never ran: it goes back
+        -- as it was (its claim spent no attempt), with no error.
+        errors = CASE WHEN j.started_at IS NULL THEN j.errors
+                      ELSE j.errors || jsonb_build_array(jsonb_build_object(
+                          'attempt', j.attempts,
+                          'at', now(),
+                          'type', 'WorkerDied',
+                          'message', format('worker %%s died (no heartbeat for %%s s) '
+                                            'while running the job', j.worker, %(timeout)s),
+                          'traceback', NULL,
+                          'worker', j.worker)) END
     FROM orphans
     WHERE j.id = orphans.id AND j.state = 'running'
     RETURNING j.id, j.state, j.dependents
@@ -752,9 +795,13 @@ SELECT EXISTS (SELECT 1 FROM pg_stat_activity
 
 -- name: periodic_ensure
 -- The schedule's row, created on first sight; last_slot NULL until a worker holding the
--- row decides where the schedule starts.
+-- row decides where the schedule starts. Nothing is inserted when the row exists: ON
+-- CONFLICT alone would wait for a peer that has updated the row and not committed yet (a
+-- frozen scheduler would stall every other one). Waiting remains only for a peer creating
+-- the row at the same moment, and the scheduler's lock_timeout bounds it.
 INSERT INTO {schema}.periodic (name, task, schedule, timezone)
-VALUES (%(name)s, %(task)s, %(schedule)s, %(timezone)s)
+SELECT %(name)s, %(task)s, %(schedule)s, %(timezone)s
+WHERE NOT EXISTS (SELECT 1 FROM {schema}.periodic WHERE name = %(name)s)
 ON CONFLICT (name) DO NOTHING;
 
 
@@ -797,8 +844,8 @@ inserted AS (
     RETURNING id, state
 ),
 notified AS (
-    SELECT count(pg_notify(%(channel)s, json_build_object('queue', %(queue)s::text,
-                                                          'jobs', n.jobs)::text)) AS sent
+    SELECT count(pg_notify(%(channel)s, json_build_object('queue', %(queue)s::text)::text))
+           AS sent
     FROM (SELECT count(*) AS jobs FROM inserted WHERE state = 'available') AS n
     WHERE n.jobs > 0 AND %(notify)s
       AND pg_notification_queue_usage() < %(notify_queue_limit)s

@@ -85,7 +85,7 @@ jobs = Table(
         "(state = 'running') = (lease_token IS NOT NULL)", name="jobs_lease_only_while_running"
     ),
     CheckConstraint(
-        "state <> 'running' OR (worker IS NOT NULL AND started_at IS NOT NULL)",
+        "state <> 'running' OR worker IS NOT NULL",
         name="jobs_running_has_worker",
     ),
     CheckConstraint(

@@ -40,7 +40,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import psycopg
@@ -75,11 +75,15 @@ _REFILL_WINDOW = 0.003
 _LIMITED_SCAN_EXTRA = 200
 # Claimed rows start in priority, run_at, id order (columns of claim_jobs and claim_limited).
 _CLAIM_ORDER = itemgetter(4, 5, 0)
+# ...the prefetched ones (column `started` false) after those that start at once.
+_STARTED = itemgetter(9)
+_NOT_STARTED = lambda row: not row[9]  # noqa: E731
 # A worker too busy to sleep re-reads which queues are limited every this many poll
 # intervals (an idle one every interval, before it sleeps).
 _LIMITS_REFRESH_BUSY = 3.0
 # Net container allocations between two young garbage collections (see _tuned_gc).
 _GC_YOUNG_THRESHOLD = 50_000
+_JOB_ID = attrgetter("id")
 # Python 3.12+: a job's task runs at once, up to its first await, instead of on the loop's
 # next pass; a job that finishes without awaiting costs no scheduling at all.
 _EAGER: dict[str, Any] = {"eager_start": True} if sys.version_info >= (3, 12) else {}
@@ -118,6 +122,11 @@ class _Group:
     @property
     def free(self) -> int:
         return self.slots + self.prefetch - self.running - len(self.buffer)
+
+    @property
+    def startable(self) -> int:
+        """How many of the jobs claimed now can start at once (the others are prefetched)."""
+        return max(self.slots - self.running - len(self.buffer), 0)
 
     def claiming(self) -> None:
         """A claim for this group starts: what called for it is answered by it."""
@@ -201,6 +210,8 @@ class Worker:
         self._limited_checked_at = 0.0
         self._leases_checked_at = 0.0
         self._background: set[asyncio.Task[None]] = set()
+        # Writes of start_jobs in flight (prefetched jobs about to start).
+        self._starting: set[asyncio.Task[None]] = set()
         self._due_at: float | None = None
         self._next_due: float | None = None
         self._next_due_known = False
@@ -386,6 +397,8 @@ class Worker:
         if self._completions is not None:
             # Outcomes are written before the worker's row goes: a job is never left
             # running under a worker that no longer exists while this one is still alive.
+            if self._starting:
+                await asyncio.gather(*self._starting, return_exceptions=True)
             await self._hand_back_buffer(self._completions)
             await self._drain(self._completions)
             await self._completions.close()
@@ -459,9 +472,9 @@ class Worker:
                     # Judged under the lock: the listener may have claimed for it meanwhile.
                     if not self._claim_due(group):
                         continue
-                    want = group.free
+                    want, start = group.free, group.startable
                     group.claiming()
-                    jobs = await self._claim(group, want)
+                    jobs = await self._claim(group, want, start)
                     self._accept(group, jobs)
                 claimed += 1
                 short += len(jobs) < want
@@ -492,9 +505,10 @@ class Worker:
                 want = group.free
                 if not (group.dirty and want > 0) or not self._limited.isdisjoint(group.queues):
                     continue
+                start = group.startable
                 group.claiming()
                 try:
-                    rows = await self._claim_rows(conn, list(group.queues), want)
+                    rows = await self._claim_rows(conn, list(group.queues), want, start)
                 except BaseException:
                     group.dirty = True
                     self._poke()
@@ -513,14 +527,15 @@ class Worker:
             or time.monotonic() >= group.refill_since + _REFILL_WINDOW
         )
 
-    async def _claim(self, group: _Group, limit: int) -> list[ClaimedJob]:
+    async def _claim(self, group: _Group, limit: int, start: int) -> list[ClaimedJob]:
         limited = [q for q in group.queues if q in self._limited]
         free = [q for q in group.queues if q not in self._limited]
         try:
             conn = await self._connection()
-            rows = await self._claim_limited(conn, limited, limit) if limited else []
+            rows = await self._claim_limited(conn, limited, limit, start) if limited else []
             if free and len(rows) < limit:
-                rows += await self._claim_rows(conn, free, limit - len(rows))
+                start = max(start - len(rows), 0)
+                rows += await self._claim_rows(conn, free, limit - len(rows), start)
         except psycopg.errors.UndefinedTable as exc:
             raise SchemaNotReadyError(
                 "pgjobs' tables are missing: run `pgjobs migrate upgrade`"
@@ -535,14 +550,17 @@ class Worker:
         self._poll_at = time.monotonic() + self.poll_interval * random.uniform(0.8, 1.2)
         group.more = len(rows) == limit
         rows.sort(key=_CLAIM_ORDER)
+        if not all(map(_STARTED, rows)):
+            rows.sort(key=_NOT_STARTED)  # stable: prefetched jobs last, in claim order
         jobs = list(map(ClaimedJob.from_row, rows))
         self.stats.claimed += len(jobs)
         return jobs
 
-    def _claim_params(self, queues: list[str], limit: int) -> dict[str, Any]:
+    def _claim_params(self, queues: list[str], limit: int, start: int) -> dict[str, Any]:
         return {
             "queues": queues,
             "limit": limit,
+            "start": start,
             "scan": limit + _LIMITED_SCAN_EXTRA,
             "worker": self.id,
             "events": self._maintenance is not None and self._maintenance.events,
@@ -550,19 +568,20 @@ class Worker:
         }
 
     async def _claim_rows(
-        self, conn: psycopg.AsyncConnection[Any], queues: list[str], limit: int
+        self, conn: psycopg.AsyncConnection[Any], queues: list[str], limit: int, start: int
     ) -> list[tuple[Any, ...]]:
-        cur = await conn.execute(self.app.queries.claim_jobs, self._claim_params(queues, limit))
+        params = self._claim_params(queues, limit, start)
+        cur = await conn.execute(self.app.queries.claim_jobs, params)
         return self._split_next_due(await cur.fetchall())
 
     async def _claim_limited(
-        self, conn: psycopg.AsyncConnection[Any], queues: list[str], limit: int
+        self, conn: psycopg.AsyncConnection[Any], queues: list[str], limit: int, start: int
     ) -> list[tuple[Any, ...]]:
         # One transaction: wait for this queue's turn, then count with a fresh snapshot.
         async with conn.transaction():
             await conn.execute(self.app.queries.lock_limited_queues, {"queues": queues})
             cur = await conn.execute(
-                self.app.queries.claim_limited, self._claim_params(queues, limit)
+                self.app.queries.claim_limited, self._claim_params(queues, limit, start)
             )
             rows = await cur.fetchall()
         return self._split_next_due(rows)
@@ -571,7 +590,7 @@ class Worker:
         self.stats.claims += 1
         if rows and rows[-1][0] is None:
             # A short claim: its last row says when the next waiting job is due.
-            seconds = rows.pop()[9]
+            seconds = rows.pop()[10]
             if seconds is not None and (self._next_due is None or seconds < self._next_due):
                 self._next_due = seconds
             self._next_due_known = True
@@ -619,7 +638,7 @@ class Worker:
         """After a claim that found less than it asked for: learn when the next waiting
         job is due; in burst mode, say whether it is time to exit."""
         self._learn_next_due()
-        if not self.burst or self._running or any(g.buffer for g in self._groups):
+        if not self.burst or self._running or self._starting or any(g.buffer for g in self._groups):
             return False
         assert self._completions is not None
         await self._completions.flush()
@@ -704,11 +723,54 @@ class Worker:
             return
         for group in self._groups:
             finished = False
+            prefetched: list[ClaimedJob] = []
             while group.buffer and group.running < group.slots:
                 group.running += 1
-                finished |= self._start_job(group.buffer.popleft())
+                job = group.buffer.popleft()
+                if job.started:
+                    finished |= self._start_job(job)
+                else:
+                    prefetched.append(job)  # its slot is held while its start is written
+            if prefetched:
+                task = asyncio.ensure_future(self._start_prefetched(group, prefetched))
+                self._starting.add(task)
+                task.add_done_callback(self._starting.discard)
             if finished:
                 self._slots_freed(group)
+
+    async def _start_prefetched(self, group: _Group, jobs: list[ClaimedJob]) -> None:
+        """Spend the attempts of prefetched jobs (start_jobs), then run those this worker
+        still holds. Written before any handler runs: a job that kills its worker must
+        still use up its attempts."""
+        jobs.sort(key=_JOB_ID)
+        assert self._claiming is not None
+        try:
+            # Under the claim lock: never inside claim_limited's transaction on this
+            # connection.
+            async with self._claiming:
+                conn = await self._connection()
+                cur = await conn.execute(
+                    self.app.queries.start_jobs,
+                    {"id": [j.id for j in jobs], "lease_token": [j.lease_token for j in jobs]},
+                )
+                attempts = dict(await cur.fetchall())
+        except (psycopg.Error, DatabaseError) as exc:
+            await self._claim_failed(exc)
+            attempts = None
+        group.running -= len(jobs)
+        if attempts is None:  # unknown: back to the buffer, to be tried again
+            group.buffer.extendleft(reversed(jobs))
+        else:
+            held = [
+                job._replace(attempts=attempts[job.id], started=True)
+                for job in jobs
+                if job.id in attempts
+            ]
+            # At shutdown the buffer is handed back; started now, they get their attempt
+            # back there.
+            group.buffer.extendleft(reversed(held))
+        self._start_buffered()
+        self._slots_freed(group)
 
     def _start_job(self, job: ClaimedJob) -> bool:
         """Start ``job``; True when it finished already (on Python 3.12+, a job that never

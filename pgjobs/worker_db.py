@@ -8,6 +8,11 @@ connection is noticed instead of waited on forever), and names itself in
 ``pg_stat_activity.application_name`` (``pgjobs-worker``, ``pgjobs-listener``,
 ``pgjobs-heartbeat``).
 
+A session of the worker that sits idle inside a transaction for
+``IDLE_IN_TRANSACTION_TIMEOUT`` is ended by the server: worker transactions run statement
+after statement with no wait in between, so such a session belongs to a frozen process
+(SIGSTOP, a paused VM) whose row locks would otherwise hold up every other worker.
+
 The claim connection does not wait for its commits to reach disk
 (``synchronous_commit=off``): a claim lost in a server crash only means the job is claimed
 again, and the worker that had it cannot record anything for it (its lease token is gone),
@@ -38,13 +43,26 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgjobs import database
 
+# See the module docstring; a module attribute so that a test can shorten it.
+IDLE_IN_TRANSACTION_TIMEOUT = "10s"
+
 
 def worker_conninfo(
-    url: str, name: str, *, durable: bool = True, generic_plans: bool = False
+    url: str,
+    name: str,
+    *,
+    durable: bool = True,
+    generic_plans: bool = False,
+    lock_timeout: str | None = None,
 ) -> str:
-    """``url`` with the worker's connection settings added (the URL's own options kept)."""
+    """``url`` with the worker's connection settings added (the URL's own options kept);
+    ``lock_timeout`` (e.g. ``"2s"``) makes a statement that waits that long for a lock fail
+    with ``LockNotAvailable``."""
     params = conninfo_to_dict(url)
     options = str(params.get("options") or "")
+    options += f" -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT}"
+    if lock_timeout is not None:
+        options += f" -c lock_timeout={lock_timeout}"
     if not durable:
         options += " -c synchronous_commit=off"
     if generic_plans:
@@ -71,9 +89,11 @@ async def connect_async(
     return conn
 
 
-def connect_sync(url: str, name: str) -> psycopg.Connection[Any]:
+def connect_sync(
+    url: str, name: str, *, lock_timeout: str | None = None
+) -> psycopg.Connection[Any]:
     """A new autocommit connection for the worker's threads."""
-    return database.connect(worker_conninfo(url, name), autocommit=True)
+    return database.connect(worker_conninfo(url, name, lock_timeout=lock_timeout), autocommit=True)
 
 
 # Every integer orjson may turn into a float has at least 19 digits (|n| >= 2**63).

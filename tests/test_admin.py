@@ -101,7 +101,7 @@ def test_retry_a_dead_job_gives_it_one_more_attempt(
     assert job.errors[-1]["operator"] == "tester@here"
     # Workers are woken the way enqueue wakes them: one notification for the queue.
     note = next(conn.notifies(timeout=5, stop_after=1))
-    assert json.loads(note.payload) == {"queue": "default", "jobs": 1}
+    assert json.loads(note.payload) == {"queue": "default"}
     # ...and the claim's own condition now holds: the job is runnable.
     runnable = conn.execute(
         "SELECT state = 'available' AND run_at <= now() AND attempts < max_attempts "
@@ -313,3 +313,42 @@ def test_parse_retention_accepts_never() -> None:
     assert parse_retention("1d") == timedelta(days=1)
     with pytest.raises(DurationError):
         parse_retention("sometimes")
+
+
+def test_dead_retry_racing_an_uncommitted_enqueue_of_the_same_key_skips_only_that_job(
+    admin: Admin, conn: psycopg.Connection[Any], db_url: str
+) -> None:
+    import threading
+
+    keyed = add_job(conn, state="dead", unique_key="race")
+    plain = add_job(conn, state="dead")
+    with psycopg.connect(db_url) as producer:
+        # A producer inserts the same key and has not committed yet: the retry's snapshot
+        # cannot see it, only the unique index can.
+        producer.execute(
+            "INSERT INTO pgjobs.jobs (task, unique_key) VALUES ('t.task', 'race') RETURNING id"
+        )
+        outcome: dict[str, Any] = {}
+
+        def retry() -> None:
+            try:
+                outcome["result"] = admin.retry_dead([keyed, plain])
+            except Exception as exc:  # the failure under test: reported, not raised
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=retry)
+        thread.start()
+        # The retry waits on the producer's key; once the producer commits, it must skip.
+        waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"
+        for _ in range(200):
+            if conn.execute(waiting).fetchone()[0]:  # type: ignore[index]
+                break
+            thread.join(0.05)
+        producer.commit()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert "error" not in outcome, outcome
+    result = outcome["result"]
+    assert result.done == [plain]
+    assert "unique key 'race'" in result.skipped[keyed]
+    assert state_of(conn, keyed) == "dead" and state_of(conn, plain) == "available"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ import psycopg
 import pytest
 
 import pgjobs
+from pgjobs.admin import Admin
 
 CALLERS = 20
 
@@ -123,3 +125,216 @@ def test_longest_accepted_unique_key_is_indexed(module_db_url: str) -> None:
         task = app.task(name="long_key")(lambda n: None)
         first = task.enqueue(n=1, unique_key=key)
         assert task.enqueue(n=2, unique_key=key) == first
+
+
+def _waiting_on_a_lock(conn: psycopg.Connection[Any], pid: int) -> bool:
+    query = "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s"
+    row = conn.execute(query, (pid,)).fetchone()
+    return bool(row and row[0])
+
+
+def _wait_for(check: Any, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.01)
+
+
+def test_bulk_enqueues_with_overlapping_keys_in_any_order_never_deadlock(
+    app: pgjobs.App, db_url: str, conn: psycopg.Connection[Any]
+) -> None:
+    # The interleaving that deadlocked when rows were inserted in input order: first's
+    # batch takes "a" and waits for "x" (held by a third transaction), second's takes "c"
+    # and waits for "a"; once "x" is free, first would wait for "c". Taken in key order,
+    # first holds "a" and "c" before it waits, and second only ever waits for first.
+    @app.task(name="sync")
+    def sync(k: str) -> None: ...
+
+    by_k = {"unique_key": lambda args: args["k"]}
+    holder = psycopg.connect(db_url)
+    callers = [psycopg.connect(db_url) for _ in range(2)]
+    orders = [["a", "x", "c"], ["c", "a"]]
+    results: list[Any] = [None, None]
+
+    def run(i: int) -> None:
+        try:
+            results[i] = sync.enqueue_many([{"k": k} for k in orders[i]], conn=callers[i], **by_k)
+            callers[i].commit()
+        except BaseException as exc:
+            results[i] = exc
+
+    try:
+        sync.enqueue(k="x", unique_key="x", conn=holder)
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(2)]
+        for i, thread in enumerate(threads):
+            thread.start()
+            pid = callers[i].info.backend_pid
+            _wait_for(lambda pid=pid: _waiting_on_a_lock(conn, pid), f"caller {i} waits")
+        holder.rollback()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert not any(t.is_alive() for t in threads), "an enqueuer hung"
+    finally:
+        for c in (holder, *callers):
+            c.close()
+    assert not any(isinstance(r, BaseException) for r in results), results
+    first, second = results
+    assert len(set(first)) == 3 and all(first)
+    # second's keys were both taken by first, which committed first: the same jobs.
+    assert second == [first[2], first[0]]
+    ids = conn.execute("SELECT unique_key, id FROM pgjobs.jobs ORDER BY id").fetchall()
+    assert [k for k, _ in ids] == ["a", "x", "c"]  # ids ascend in input order
+
+
+def test_mixed_bulk_enqueues_and_dead_retries_never_deadlock(
+    app: pgjobs.App, db_url: str, conn: psycopg.Connection[Any]
+) -> None:
+    # Producers enqueue batches of overlapping keys in random orders while an operator
+    # retries every dead job (which makes their keys live again) and another session keeps
+    # killing live jobs: every lock is taken in key order or id order, so nobody deadlocks,
+    # and every error a caller could see would be a pgjobs error.
+    @app.task(name="sync")
+    def sync(k: str) -> None: ...
+
+    keys = [f"k{i:03d}" for i in range(120)]
+    conn.execute(
+        "INSERT INTO pgjobs.jobs (task, state, attempts, unique_key, finished_at) "
+        "SELECT 'sync', 'dead', 3, k, now() FROM unnest(%s::text[]) AS k",
+        (keys,),
+    )
+    admin = Admin(app)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    rounds = [0]
+
+    def produce(seed: int) -> None:
+        rng = random.Random(seed)
+        with psycopg.connect(db_url) as caller:
+            while not stop.is_set():
+                batch = rng.sample(keys, 25)
+                try:
+                    sync.enqueue_many(
+                        [{"k": k} for k in batch], conn=caller, unique_key=lambda a: a["k"]
+                    )
+                    caller.commit()
+                    rounds[0] += 1
+                except BaseException as exc:
+                    errors.append(exc)
+                    return
+
+    def retry() -> None:
+        while not stop.is_set():
+            try:
+                admin.retry_dead(all_jobs=True)
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    def kill() -> None:
+        with psycopg.connect(db_url, autocommit=True) as killer:
+            while not stop.is_set():
+                killer.execute(
+                    "UPDATE pgjobs.jobs SET state = 'dead', finished_at = now(), attempts = 3 "
+                    "WHERE id IN (SELECT id FROM pgjobs.jobs WHERE state = 'available' "
+                    "ORDER BY id LIMIT 40 FOR UPDATE)"
+                )
+                time.sleep(0.01)
+
+    threads = [threading.Thread(target=produce, args=(seed,)) for seed in range(3)]
+    threads += [threading.Thread(target=retry), threading.Thread(target=kill)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline and not errors:
+        time.sleep(0.05)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(t.is_alive() for t in threads), "a caller hung"
+    assert errors == []
+    assert rounds[0] > 10
+    live = conn.execute(
+        "SELECT count(*), count(DISTINCT unique_key) FROM pgjobs.jobs "
+        "WHERE state IN ('available', 'scheduled', 'running', 'retryable', 'pending')"
+    ).fetchone()
+    assert live is not None and live[0] == live[1]
+
+
+def test_a_deadlock_of_the_callers_own_making_reaches_it_as_a_pgjobs_error(
+    app: pgjobs.App, db_url: str, conn: psycopg.Connection[Any]
+) -> None:
+    # Two transactions enqueue the same keys one call at a time in opposite orders: that
+    # order is theirs, and PostgreSQL breaks the deadlock by rolling one back.
+    @app.task(name="sync")
+    def sync(k: str) -> None: ...
+
+    callers = [psycopg.connect(db_url) for _ in range(2)]
+    outcome: list[BaseException | None] = [None, None]
+
+    def second_key(i: int, key: str) -> None:
+        try:
+            sync.enqueue(k=key, unique_key=key, conn=callers[i])
+        except BaseException as exc:
+            outcome[i] = exc
+
+    try:
+        sync.enqueue(k="a", unique_key="a", conn=callers[0])
+        sync.enqueue(k="b", unique_key="b", conn=callers[1])
+        threads = [
+            threading.Thread(target=second_key, args=(0, "b")),
+            threading.Thread(target=second_key, args=(1, "a")),
+        ]
+        threads[0].start()
+        pid = callers[0].info.backend_pid
+        _wait_for(lambda: _waiting_on_a_lock(conn, pid), "the first caller waits")
+        threads[1].start()
+        for thread in threads:
+            thread.join(timeout=30)
+    finally:
+        for c in callers:
+            c.close()
+    errors = [e for e in outcome if e is not None]
+    assert len(errors) == 1, outcome
+    (error,) = errors
+    assert isinstance(error, pgjobs.DatabaseError) and error.sqlstate == "40P01", repr(error)
+    assert error.retry_transaction and "run it again" in str(error)
+    assert isinstance(error.__cause__, psycopg.errors.DeadlockDetected)
+
+
+def test_enqueue_on_the_pool_runs_a_transaction_that_lost_a_race_again(
+    db_url: str, conn: psycopg.Connection[Any]
+) -> None:
+    # pgjobs' own connections under SERIALIZABLE (the role's default): a duplicate that
+    # commits while the enqueue waits for it fails that transaction, and pgjobs, which
+    # owns it, runs it again and finds the job.
+    serializable = psycopg.conninfo.make_conninfo(
+        db_url, options="-c default_transaction_isolation=serializable"
+    )
+    with pgjobs.App(serializable) as app:
+
+        @app.task(name="sync")
+        def sync(k: str) -> None: ...
+
+        with psycopg.connect(db_url) as producer:
+            job_id = sync.enqueue(k="a", unique_key="a", conn=producer)
+            found: list[Any] = []
+            waiter = threading.Thread(
+                target=lambda: found.append(
+                    sync.enqueue_many([{"k": "a"}, {"k": "b"}], unique_key=lambda a: a["k"])
+                )
+            )
+            waiter.start()
+            _wait_for(
+                lambda: scalar_of(conn, "SELECT count(*) FROM pg_locks WHERE NOT granted"),
+                "the enqueue waits",
+            )
+            producer.commit()
+            waiter.join(timeout=30)
+        assert len(found) == 1
+        ids = found[0]
+        assert ids[0] == job_id and ids[0].duplicate and not ids[1].duplicate
+
+
+def scalar_of(conn: psycopg.Connection[Any], query: str) -> Any:
+    row = conn.execute(query).fetchone()
+    return row[0] if row else None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -462,6 +464,37 @@ def test_a_busy_peer_is_left_alone(db_url: str, conn: psycopg.Connection[Any]) -
     assert len(jobs(conn, "hourly.busy")) == 2
 
 
+def test_a_peer_that_updated_the_row_and_froze_holds_up_no_other_schedule(
+    db_url: str, conn: psycopg.Connection[Any]
+) -> None:
+    # A peer that has advanced the row (periodic_enqueue's UPDATE) and not committed: a
+    # scheduler that looks again must not wait on it, neither for this schedule nor for
+    # the others it runs.
+    app = pgjobs.App(db_url)
+    periodic(app, "hourly.held", schedule="@hourly", missed="backfill")
+    periodic(app, "hourly.free", schedule="@hourly", missed="backfill")
+    scheduler = scheduler_for(app, db_url)
+    round_now(scheduler)
+    for name in ("hourly.held", "hourly.free"):
+        set_last_slot(conn, name, row(conn, name)["last_slot"] - timedelta(hours=2))
+    with psycopg.connect(db_url) as peer:
+        peer.execute("UPDATE pgjobs.periodic SET updated_at = now() WHERE name = 'hourly.held'")
+        for looker in (scheduler, scheduler_for(app, db_url)):  # it has seen the row, or not
+            for _ in range(2):  # the second look follows a missed lock
+                done = threading.Event()
+
+                def look(looker: Scheduler = looker, done: threading.Event = done) -> None:
+                    round_now(looker)
+                    done.set()
+
+                threading.Thread(target=look, daemon=True).start()
+                assert done.wait(5), "a scheduler waited on a peer's uncommitted row"
+        assert jobs(conn, "hourly.held") == []
+        assert len(jobs(conn, "hourly.free")) == 2
+    round_now(scheduler)
+    assert len(jobs(conn, "hourly.held")) == 2
+
+
 def test_changed_schedule_updates_its_row(db_url: str, conn: psycopg.Connection[Any]) -> None:
     old = pgjobs.App(db_url)
     periodic(old, "report", schedule="0 9 * * *", missed="backfill")
@@ -487,7 +520,7 @@ def test_enqueue_notifies_workers(db_url: str, conn: psycopg.Connection[Any]) ->
     conn.execute(f"LISTEN {app.channel}")
     round_now(scheduler)
     payloads = [json.loads(n.payload) for n in conn.notifies(timeout=2, stop_after=1)]
-    assert payloads == [{"queue": "nq", "jobs": 3}]
+    assert payloads == [{"queue": "nq"}]
     assert list(conn.notifies(timeout=0.2)) == []  # one per statement, not per job
 
 
@@ -591,6 +624,17 @@ def test_cron_list(db_url: str, conn: psycopg.Connection[Any]) -> None:
 # -- real worker processes ------------------------------------------------------------------
 
 
+def every_second_once(conn: psycopg.Connection[Any], name: str) -> list[datetime]:
+    """The slots of every-second schedule ``name``: each once, none missing."""
+    slots = slots_of(conn, name)
+    times = [slot for slot, _ in slots]
+    assert all(count == 1 for _, count in slots), f"{name}: a slot enqueued twice"
+    assert times == [times[0] + timedelta(seconds=i) for i in range(len(times))], (
+        f"{name}: a slot is missing"
+    )
+    return times
+
+
 @pytest.fixture
 def cron_workers(db_url: str, tmp_path: Path) -> Iterator[Workers]:
     started = Workers(db_url, tmp_path, app=APP, queues="cron")
@@ -626,14 +670,72 @@ def test_three_workers_every_second_exactly_once_with_a_sigkill(
     for proc in workers[1:]:
         assert proc.wait(30) == 0
     for name in names:
-        slots = slots_of(conn, name)
-        times = [slot for slot, _ in slots]
-        assert all(count == 1 for _, count in slots), f"{name}: a slot enqueued twice"
-        assert times == [times[0] + timedelta(seconds=i) for i in range(len(times))], (
-            f"{name}: a slot is missing"
-        )
+        times = every_second_once(conn, name)
         assert times[0] < killed_at - timedelta(seconds=5)
         assert times[-1] > killed_at + timedelta(seconds=5)
     # The killed worker's jobs were rescued: every job ran, or waits for the next worker.
     states = {r[0] for r in conn.execute("SELECT DISTINCT state::text FROM pgjobs.jobs")}
     assert states <= {"succeeded", "available"}
+
+
+# How long the server lets the frozen scheduler's session sit idle in its transaction.
+FROZEN_IDLE_SECONDS = 5
+
+
+def _frozen_backend(pid_file: Path, proc: Any) -> int | None:
+    """The server pid of the frozen scheduler's session, once the process is stopped."""
+    if proc.poll() is not None:
+        raise AssertionError(f"the frozen scheduler exited with {proc.returncode}")
+    if not pid_file.exists() or not pid_file.read_text():
+        return None
+    stat = Path(f"/proc/{proc.pid}/stat").read_text()
+    return int(pid_file.read_text()) if stat.rsplit(")", 1)[1].split()[0] == "T" else None
+
+
+@pytest.mark.slow
+def test_a_scheduler_frozen_before_its_commit_stalls_no_other_and_is_cut_off(
+    db_url: str, conn: psycopg.Connection[Any], cron_workers: Workers, tmp_path: Path
+) -> None:
+    for _ in range(2):
+        cron_workers.start()
+    names = ("tick.cron", "tick.every")
+    wait_until(lambda: min(len(slots_of(conn, n)) for n in names) >= 3, 30, "3 slots each")
+    pid_file = tmp_path / "frozen.pid"
+    frozen = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.flow.frozen_scheduler",
+            db_url,
+            str(pid_file),
+            str(FROZEN_IDLE_SECONDS),
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        backend = wait_until(lambda: _frozen_backend(pid_file, frozen), 30, "frozen in its txn")
+        frozen_at = db_now(conn)
+        alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = %s"
+        assert scalar(conn, alive, (backend,)) == 1
+        # The server ends the frozen session (its idle_in_transaction_session_timeout)...
+        wait_until(lambda: scalar(conn, alive, (backend,)) == 0, 20, "frozen session ended")
+        cut_at = db_now(conn)
+        assert cut_at - frozen_at > timedelta(seconds=FROZEN_IDLE_SECONDS - 2)
+        # ... and the schedule it held goes on from the slot it had not committed.
+        wait_until(
+            lambda: slots_of(conn, "tick.every")[-1][0] > cut_at + timedelta(seconds=2),
+            20,
+            "tick.every goes on after the cut",
+        )
+    finally:
+        frozen.kill()
+        frozen.wait(10)
+    for name in names:
+        every_second_once(conn, name)
+    # While the frozen scheduler held its schedule, the other was enqueued on time.
+    late = conn.execute(
+        "SELECT max(created_at - (meta->>'slot')::timestamptz) FROM pgjobs.jobs "
+        "WHERE meta->>'periodic' = 'tick.cron' AND (meta->>'slot')::timestamptz BETWEEN %s AND %s",
+        (frozen_at, cut_at),
+    ).fetchone()
+    assert late is not None and late[0] is not None and late[0] < timedelta(seconds=1.5), late

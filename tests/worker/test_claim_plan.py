@@ -28,9 +28,9 @@ def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
 def _prepare_claim(conn: psycopg.Connection[Any]) -> None:
     text = Queries("pgjobs").claim_jobs.as_string(conn)
     numbered = {"queues": "$1", "limit": "$2", "worker": "$3", "events": "$4",
-                "events_channel": "$5"}  # fmt: skip
+                "events_channel": "$5", "start": "$6"}  # fmt: skip
     text = re.sub(r"%\((\w+)\)[sb]", lambda m: numbered[m.group(1)], text)
-    conn.execute(f"PREPARE claim(text[], int, text, bool, text) AS {text}")
+    conn.execute(f"PREPARE claim(text[], int, text, bool, text, int) AS {text}")
 
 
 def test_generic_claim_plan_never_scans_or_merges_the_jobs_table(
@@ -49,7 +49,8 @@ def test_generic_claim_plan_never_scans_or_merges_the_jobs_table(
     for limit in (1, 100):
         # EXECUTE is a utility statement: its arguments are literals, not bound parameters.
         row = conn.execute(
-            f"EXPLAIN (FORMAT JSON) EXECUTE claim('{{q,other}}', {limit:d}, 'w', false, 'c')"
+            "EXPLAIN (FORMAT JSON) "
+            f"EXECUTE claim('{{q,other}}', {limit:d}, 'w', false, 'c', {limit:d})"
         ).fetchone()
         assert row is not None
         plan = row[0] if isinstance(row[0], list) else json.loads(row[0])
@@ -69,5 +70,5 @@ def test_generic_claim_plan_never_scans_or_merges_the_jobs_table(
         used = {n.get("Index Name") for n in on_jobs}
         assert {"jobs_runnable_idx", "jobs_pkey"} <= used, used
     # And the prepared claim still claims what it should under that plan.
-    claimed = conn.execute("EXECUTE claim('{q}', 5, 'w', false, 'c')").fetchall()
+    claimed = conn.execute("EXECUTE claim('{q}', 5, 'w', false, 'c', 5)").fetchall()
     assert len([r for r in claimed if r[0] is not None]) == 5

@@ -156,6 +156,7 @@ def test_an_oversized_payload_becomes_a_resync_hint(conn: psycopg.Connection[Any
     params = {
         "queues": ["q" * 120],
         "limit": 100,
+        "start": 100,
         "worker": "w",
         "events": True,
         "events_channel": CHANNEL,

@@ -64,7 +64,10 @@ def test_sigkill_worker_holding_50_jobs_all_finish_after_heartbeat_timeout(
 
     # 20 running and 30 claimed ahead (prefetched) by the victim.
     victim = workers.start("--prefetch", "30", queues="slow", concurrency=20)
-    ids = sleep_sync.enqueue_many([{"seconds": 60, "first_attempt_only": True}] * 50)
+    # The prefetched 30 spend no attempt with the victim: their first attempt is quick.
+    ids = sleep_sync.enqueue_many(
+        [{"seconds": 60, "first_attempt_only": True}] * 20 + [{"seconds": 0}] * 30
+    )
     wait_until(lambda: _count(ledger, "state = 'running'") == 50, 10, "50 jobs held")
     wait_until(lambda: scalar(ledger, "SELECT count(*) FROM ledger") == 20, 10, "20 running")
     victim.signal(signal.SIGKILL)
@@ -86,12 +89,70 @@ def test_sigkill_worker_holding_50_jobs_all_finish_after_heartbeat_timeout(
     # The 20 that had started ran twice; the 30 prefetched ran once. All completed once.
     assert sorted(starts.values()) == [1] * 30 + [2] * 20
     assert set(starts) == set(ids)
+    # Only the started ones spent an attempt with the dead worker.
     for job_id in ids:
         job = wapp.get_job(job_id)
-        assert job.state == "succeeded" and job.attempts == 2
-        assert [e["type"] for e in job.errors] == ["WorkerDied"]
+        assert job.state == "succeeded"
+        if starts[job_id] == 2:
+            assert job.attempts == 2 and [e["type"] for e in job.errors] == ["WorkerDied"]
+        else:
+            assert job.attempts == 1 and job.errors == []
     # The dead worker's row is gone.
     assert scalar(ledger, "SELECT count(*) FROM pgjobs.workers WHERE pid = %s", (victim.pid,)) == 0
+
+
+def test_prefetched_jobs_of_a_sigkilled_worker_spend_no_attempt(
+    wapp: pgjobs.App, ledger: psycopg.Connection[Any], workers: Workers
+) -> None:
+    from worker_app import sleep_sync
+
+    victim = workers.start("--prefetch", "5", queues="slow", concurrency=1)
+    running = sleep_sync.enqueue(seconds=60, first_attempt_only=True)
+    wait_until(lambda: scalar(ledger, "SELECT count(*) FROM ledger") == 1, 10, "1 running")
+    waiting = sleep_sync.enqueue_many([{"seconds": 0}] * 5, max_attempts=1)
+    wait_until(lambda: _count(ledger, "state = 'running'") == 6, 10, "5 prefetched")
+    # Prefetched: claimed by the worker, not started, no attempt spent yet.
+    assert _count(ledger, "id = ANY(%s) AND started_at IS NULL AND attempts = 0", (waiting,)) == 5
+    victim.signal(signal.SIGKILL)
+    victim.wait(5)
+    workers.start(queues="slow", concurrency=6, wait_ready=False)
+    wait_until(lambda: _count(ledger, "state = 'succeeded'") == 6, HEARTBEAT_TIMEOUT + 10, "done")
+    for job_id in waiting:
+        job = wapp.get_job(job_id)
+        # max_attempts=1, and yet it ran: the dead worker never started it.
+        assert (job.state, job.attempts, job.errors) == ("succeeded", 1, [])
+    assert (
+        scalar(
+            ledger,
+            "SELECT count(*) FROM ledger WHERE phase = 'start' AND job_id = ANY(%s)",
+            (waiting,),
+        )
+        == 5
+    )
+    assert wapp.get_job(running).attempts == 2
+
+
+def test_a_job_that_kills_its_worker_from_the_prefetch_buffer_still_ends_dead(
+    wapp: pgjobs.App, ledger: psycopg.Connection[Any], workers: Workers
+) -> None:
+    from worker_app import sleep_sync, suicide
+
+    # The poison job waits in the buffer behind a running one; when it starts, its attempt
+    # is spent before its handler kills the process, so it cannot loop forever.
+    victim = workers.start("--prefetch", "2", queues="slow", concurrency=1)
+    sleep_sync.enqueue(seconds=1.0)
+    wait_until(lambda: scalar(ledger, "SELECT count(*) FROM ledger") == 1, 10, "1 running")
+    poison = suicide.enqueue(max_attempts=1, queue="slow")
+    wait_until(lambda: _count(ledger, "state = 'running'") == 2, 10, "poison prefetched")
+    assert victim.wait(15) == -signal.SIGKILL
+    workers.start(queues="slow", concurrency=1, wait_ready=False)
+    wait_until(
+        lambda: _count(ledger, "id = %s AND state = 'dead'", (poison,)),
+        HEARTBEAT_TIMEOUT + 20,
+        "poison job dead",
+    )
+    job = wapp.get_job(poison)
+    assert job.attempts == 1 and [e["type"] for e in job.errors] == ["WorkerDied"]
 
 
 def test_sigstopped_zombie_cannot_overwrite_the_newer_attempt(

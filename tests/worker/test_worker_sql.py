@@ -23,7 +23,8 @@ def _claim(
     conn: psycopg.Connection[Any], limit: int, queues: list[str], worker: str = "w1"
 ) -> list[Any]:
     rows = conn.execute(
-        Q.claim_jobs, {"queues": queues, "limit": limit, "worker": worker, **NO_EVENTS}
+        Q.claim_jobs,
+        {"queues": queues, "limit": limit, "start": limit, "worker": worker, **NO_EVENTS},
     ).fetchall()
     # A short claim ends with a row of its own (NULL id) saying when the next job is due.
     if rows and rows[-1][0] is None:
@@ -36,16 +37,17 @@ def test_a_short_claim_says_when_the_next_waiting_job_is_due(
 ) -> None:
     def claim() -> list[Any]:
         return conn.execute(
-            Q.claim_jobs, {"queues": ["q"], "limit": 5, "worker": "w1", **NO_EVENTS}
+            Q.claim_jobs, {"queues": ["q"], "limit": 5, "start": 5, "worker": "w1", **NO_EVENTS}
         ).fetchall()
 
-    assert claim() == [(None,) * 9 + (None,)]  # nothing runnable, nothing waiting
+    assert claim() == [(None,) * 10 + (None,)]  # nothing runnable, nothing waiting
     jobs.enqueue(i=1, delay=60)
     jobs.enqueue(i=2)
     *claimed, (sentinel_id, *_, next_due) = claim()
     assert len(claimed) == 1 and sentinel_id is None and 55 < next_due <= 60
-    full = conn.execute(Q.claim_jobs, {"queues": ["q"], "limit": 1, "worker": "w1", **NO_EVENTS})
-    assert full.fetchall() == [(None,) * 9 + (pytest.approx(next_due, abs=5),)]
+    params = {"queues": ["q"], "limit": 1, "start": 1, "worker": "w1", **NO_EVENTS}
+    full = conn.execute(Q.claim_jobs, params)
+    assert full.fetchall() == [(None,) * 10 + (pytest.approx(next_due, abs=5),)]
 
 
 def _finish(conn: psycopg.Connection[Any], job_id: int, token: uuid.UUID, state: str = "succeeded",

@@ -201,3 +201,45 @@ def dead_alert(queue: str, dead: int, threshold: int) -> None:
             "VALUES (%s, %s, gen_random_uuid(), %s, %s)",
             (dead, threshold, os.getpid(), f"alert:{queue}"),
         )
+
+
+class UnprintableError(ValueError):
+    """An exception that cannot even say what it is: ``str`` and ``repr`` raise."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("this exception's __str__ raises")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("this exception's __repr__ raises")
+
+
+class UnformattableError(ValueError):
+    """An exception whose traceback cannot be formatted (``__notes__`` raises)."""
+
+    @property
+    def __notes__(self) -> list[str]:
+        raise RuntimeError("this exception's __notes__ raise")
+
+
+@app.task(name="t.deep_result", queue="q", max_attempts=3, backoff=lambda attempt: 0.1)
+def deep_result(ctx: pgjobs.JobContext, depth: int = 5000) -> list[Any]:
+    """Return a list nested ``depth`` levels deep: more than a result may nest."""
+    record(ctx)
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@app.task(name="t.unprintable", queue="q", max_attempts=2, backoff=lambda attempt: 0.1)
+def unprintable(ctx: pgjobs.JobContext) -> None:
+    """Raise an exception whose ``str`` and ``repr`` raise."""
+    record(ctx)
+    raise UnprintableError()
+
+
+@app.task(name="t.unformattable", queue="q", max_attempts=2, backoff=lambda attempt: 0.1)
+async def unformattable(ctx: pgjobs.JobContext) -> None:
+    """Raise (from an async task) an exception whose traceback cannot be formatted."""
+    await arecord(ctx)
+    raise UnformattableError("a message that prints")
