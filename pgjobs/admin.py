@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import itertools
 import socket
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -28,7 +27,14 @@ import psycopg
 from psycopg.rows import dict_row
 
 from pgjobs.enqueue import schema_errors
-from pgjobs.errors import ConfigurationError, DatabaseError, JobNotFoundError, PgJobsError
+from pgjobs.errors import (
+    TRANSIENT_ATTEMPTS,
+    ConfigurationError,
+    DatabaseError,
+    JobNotFoundError,
+    PgJobsError,
+    transient_pause,
+)
 from pgjobs.job import FINAL_STATES, Job, JobState
 from pgjobs.limits import QueueLimits
 from pgjobs.settings import control_channel_for, events_channel_for, validate_queue
@@ -42,8 +48,6 @@ NOTIFY_QUEUE_LIMIT = 0.5
 # Live-scope keyed jobs per retry statement: each takes a subtransaction, and PostgreSQL
 # caches 64 per backend before every snapshot in the cluster gets slower.
 _KEYED_RETRY_BATCH = 32
-# How often a retry statement that lost a deadlock or serialization race is run.
-_TRANSIENT_ATTEMPTS = 5
 # States `jobs retry` accepts: stopped (dead, cancelled) or waiting (retryable, scheduled).
 RETRYABLE_STATES = ("dead", "cancelled", "retryable", "scheduled")
 # States `jobs cancel` accepts: every state but the final ones.
@@ -236,15 +240,15 @@ class Admin:
         }
         # The statement is its own transaction: one that lost a race with a producer
         # (which takes keys in the same order, so this is rare) is run again.
-        for attempt in itertools.count(1):
+        for attempt in range(TRANSIENT_ATTEMPTS):
             try:
                 with self._cursor() as cur:
                     rows = cur.execute(self.queries.retry_jobs, params).fetchall()
                 return {row["id"] for row in rows}
             except DatabaseError as exc:
-                if not exc.retry_transaction or attempt == _TRANSIENT_ATTEMPTS:
+                if not exc.retry_transaction or attempt + 1 == TRANSIENT_ATTEMPTS:
                     raise
-                time.sleep(0.01 * attempt)
+                time.sleep(transient_pause(attempt))
         raise AssertionError("unreachable")
 
     def _reasons(self, ids: list[int], states: Sequence[str]) -> dict[int, str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import select
 import threading
 import time
@@ -36,11 +35,13 @@ from pgjobs.enqueue import (
     schema_errors,
 )
 from pgjobs.errors import (
+    TRANSIENT_ATTEMPTS,
     ConfigurationError,
     DatabaseError,
     JobFailedError,
     JobNotFoundError,
     UnknownTaskError,
+    transient_pause,
 )
 from pgjobs.events import EventStream
 from pgjobs.flow import (
@@ -398,7 +399,7 @@ class App:
         # (no BEGIN, no COMMIT); several are written in one transaction, all or nothing.
         # pgjobs owns that transaction, so one that lost a race (a deadlock, a
         # serialization failure) is simply run again.
-        for attempt in range(_TRANSIENT_ATTEMPTS):
+        for attempt in range(TRANSIENT_ATTEMPTS):
             try:
                 with self.pool.connection() as own:
                     if len(specs) == 1:
@@ -406,9 +407,9 @@ class App:
                     with own.transaction():
                         return self.writer.insert(own, specs, options.on_duplicate)
             except DatabaseError as exc:
-                if not exc.retry_transaction or attempt + 1 == _TRANSIENT_ATTEMPTS:
+                if not exc.retry_transaction or attempt + 1 == TRANSIENT_ATTEMPTS:
                     raise
-                time.sleep(_transient_pause(attempt))
+                time.sleep(transient_pause(attempt))
         raise AssertionError("unreachable")
 
     async def _enqueue_specs_async(
@@ -421,7 +422,7 @@ class App:
                 await async_connection(conn), specs, options.on_duplicate
             )
         pool = await self.async_pool()
-        for attempt in range(_TRANSIENT_ATTEMPTS):
+        for attempt in range(TRANSIENT_ATTEMPTS):
             try:
                 async with pool.connection() as own:
                     if len(specs) == 1:
@@ -429,9 +430,9 @@ class App:
                     async with own.transaction():
                         return await self.writer.insert_async(own, specs, options.on_duplicate)
             except DatabaseError as exc:
-                if not exc.retry_transaction or attempt + 1 == _TRANSIENT_ATTEMPTS:
+                if not exc.retry_transaction or attempt + 1 == TRANSIENT_ATTEMPTS:
                     raise
-                await asyncio.sleep(_transient_pause(attempt))
+                await asyncio.sleep(transient_pause(attempt))
         raise AssertionError("unreachable")
 
     # -- reading -------------------------------------------------------------------------
@@ -684,16 +685,6 @@ def _outcome(job: Job) -> tuple[bool, Any]:
     if job.state in (JobState.DEAD, JobState.CANCELLED):
         raise JobFailedError(job, job.errors[-1] if job.errors else None)
     return False, None
-
-
-# How often an enqueue on pgjobs' own pool runs a transaction that lost a race.
-_TRANSIENT_ATTEMPTS = 5
-
-
-def _transient_pause(attempt: int) -> float:
-    """Seconds before running a lost transaction again: short, growing, jittered (two
-    callers that deadlocked must not meet again in lockstep)."""
-    return float(random.uniform(0.5, 1.5) * 0.01 * 2**attempt)
 
 
 def _open(pool: ConnectionPool) -> ConnectionPool:

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 import psycopg
 
-from pgjobs.errors import DatabaseError
+from pgjobs.errors import DatabaseError, one_line
 from pgjobs.execution import Finish
 from pgjobs.queries import Queries
 from pgjobs.settings import events_channel_for
@@ -347,7 +347,7 @@ def _content_refused(exc: psycopg.Error) -> bool:
 
 def _describe(exc: psycopg.Error) -> str:
     """The error on one line: its primary message (no DETAIL or CONTEXT) and SQLSTATE."""
-    message = " ".join((exc.diag.message_primary or str(exc)).split())
+    message = one_line(exc)
     return f"{message} (SQLSTATE {exc.sqlstate})" if exc.sqlstate else message
 
 

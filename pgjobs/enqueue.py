@@ -38,6 +38,7 @@ from pgjobs.errors import (
     PayloadError,
     SchemaNotReadyError,
     UniqueConflictError,
+    one_line,
 )
 from pgjobs.queries import Queries
 from pgjobs.settings import PRIORITY_MAX, PRIORITY_MIN, validate_queue
@@ -902,12 +903,13 @@ def _resolve(
 # connection when psycopg was not told one.
 _DEFAULT_STRICT: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 _STRICT_LEVELS = ("repeatable read", "serializable")
+_STRICT_ISOLATION = (psycopg.IsolationLevel.REPEATABLE_READ, psycopg.IsolationLevel.SERIALIZABLE)
 
 
 def _strict_isolation(conn: psycopg.Connection[Any]) -> bool:
     """Whether ``conn``'s transactions run under REPEATABLE READ or SERIALIZABLE."""
     if conn.isolation_level is not None:
-        return conn.isolation_level.name.replace("_", " ").lower() in _STRICT_LEVELS
+        return conn.isolation_level in _STRICT_ISOLATION
     strict = _DEFAULT_STRICT.get(conn)
     if strict is None:
         row = conn.execute("SHOW default_transaction_isolation").fetchone()
@@ -918,7 +920,7 @@ def _strict_isolation(conn: psycopg.Connection[Any]) -> bool:
 async def _strict_isolation_async(conn: psycopg.AsyncConnection[Any]) -> bool:
     """The async twin of :func:`_strict_isolation`."""
     if conn.isolation_level is not None:
-        return conn.isolation_level.name.replace("_", " ").lower() in _STRICT_LEVELS
+        return conn.isolation_level in _STRICT_ISOLATION
     strict = _DEFAULT_STRICT.get(conn)
     if strict is None:
         cur = await conn.execute("SHOW default_transaction_isolation")
@@ -949,7 +951,7 @@ def _statement_errors(schema: str, guarded: bool) -> Iterator[None]:
 
 
 def _database_error(exc: psycopg.Error) -> DatabaseError:
-    message = " ".join((exc.diag.message_primary or str(exc)).split())
+    message = one_line(exc)
     if exc.sqlstate in TRANSIENT_SQLSTATES:
         message += ": PostgreSQL rolled back the transaction; run it again"
     return DatabaseError(f"enqueue failed: {message}", exc.sqlstate)

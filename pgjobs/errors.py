@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 
@@ -54,6 +55,22 @@ class DatabaseError(PgJobsError):
 
 # Deadlock detected, serialization failure: the transaction lost a race, and only it.
 TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})
+# How often pgjobs runs a transaction of its own that lost such a race.
+TRANSIENT_ATTEMPTS = 5
+
+
+def transient_pause(attempt: int) -> float:
+    """Seconds before running a lost transaction again (``attempt`` counts from 0): short,
+    growing, jittered, so that two transactions that deadlocked do not meet again in
+    lockstep."""
+    return float(random.uniform(0.5, 1.5) * 0.01 * 2**attempt)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line; for a database error its primary message
+    (without DETAIL, HINT or CONTEXT)."""
+    primary = getattr(getattr(exc, "diag", None), "message_primary", None)
+    return " ".join((primary or str(exc)).split()) or type(exc).__name__
 
 
 class UniqueConflictError(DatabaseError):
