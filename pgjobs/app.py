@@ -18,7 +18,12 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from pgjobs.connections import async_connection, sync_connection
 from pgjobs.cron import Missed, PeriodicTask, declare, parse_schedule
-from pgjobs.database import CONNECT_TIMEOUT, connect, connect_async, resolve_database_url
+from pgjobs.database import (
+    behind_pooler,
+    behind_pooler_async,
+    resolve_database_url,
+    resolve_listen_url,
+)
 from pgjobs.enqueue import (
     ArgsFunction,
     EnqueueOptions,
@@ -71,8 +76,16 @@ from pgjobs.task import Task, TaskConfig, flow_config
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# pgjobs' own connections commit every statement unless it opens a transaction itself.
-_POOL_KWARGS: dict[str, Any] = {"autocommit": True}
+
+def _pool_kwargs(pooled: bool) -> dict[str, Any]:
+    """How pgjobs' pools connect: every statement commits unless pgjobs opens a transaction
+    itself; through a transaction pooler, nothing is prepared (the next statement may run
+    on another server session, where the prepared one does not exist)."""
+    if pooled:
+        return {"autocommit": True, "prepare_threshold": None}
+    return {"autocommit": True}
+
+
 DeadAlertHook = Callable[[str, int, int], Any]
 # App.wait re-reads the job at least this often (seconds), events or not.
 WAIT_POLL = 0.5
@@ -87,6 +100,10 @@ class App:
     living in another code base sets it to False. ``enqueue_events`` publishes an
     ``enqueued`` event for every job this App enqueues (a NOTIFY in the caller's
     transaction, so off by default).
+
+    ``listen_url`` (default ``PGJOBS_LISTEN_URL``) is a direct URL of the same database for
+    LISTEN (workers' wake-ups, job events, :meth:`wait`), for when ``database_url`` goes
+    through PgBouncer in transaction mode, where LISTEN does not work.
     """
 
     def __init__(
@@ -98,10 +115,12 @@ class App:
         notify: bool = True,
         enqueue_events: bool = False,
         pool_size: int = 10,
+        listen_url: str | None = None,
     ) -> None:
         self.schema = validate_schema(schema) if schema is not None else schema_from_env()
         self._database_url = database_url
         self._resolved_url: str | None = None
+        self._listen_url = listen_url
         self.strict_tasks = strict_tasks
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.queries = Queries(self.schema)
@@ -132,6 +151,17 @@ class App:
             if self._resolved_url is None:
                 self._resolved_url = resolve_database_url(self._database_url)
         return self._resolved_url
+
+    @property
+    def listen_url(self) -> str:
+        """The URL pgjobs LISTENs on: ``listen_url``, ``PGJOBS_LISTEN_URL``, or else the
+        database URL."""
+        return resolve_listen_url(self._listen_url) or self.database_url
+
+    def listens_directly(self) -> bool:
+        """Whether :attr:`listen_url` reaches the server without a transaction pooler, so
+        that LISTEN works on it (connects once per process to learn it)."""
+        return not behind_pooler(self.listen_url)
 
     @overload
     def task(self, fn: F, /) -> Task[Any, Any]: ...
@@ -529,7 +559,8 @@ class App:
         stream = EventStream(self, job_id=job_id)
         conn: psycopg.Connection[Any] | None = None
         try:
-            with contextlib.suppress(DatabaseError, psycopg.Error):
+            # No direct URL for LISTEN (a pooler in between): re-reading alone will do.
+            with contextlib.suppress(DatabaseError, ConfigurationError, psycopg.Error):
                 conn = stream.connect()
             while True:
                 # Read on the listening connection itself (no pool needed).
@@ -562,7 +593,7 @@ class App:
         stream = EventStream(self, job_id=job_id)
         conn: psycopg.AsyncConnection[Any] | None = None
         try:
-            with contextlib.suppress(DatabaseError, psycopg.Error):
+            with contextlib.suppress(DatabaseError, ConfigurationError, psycopg.Error):
                 conn = await stream.connect_async()
             while True:
                 if conn is None:
@@ -602,14 +633,13 @@ class App:
             with self._lock:
                 if self._pool is None:
                     # A pool retries a failing server until its timeout and then reports only
-                    # the timeout; one direct attempt first fails fast, with libpq's reason.
-                    connect(url, connect_timeout=CONNECT_TIMEOUT).close()
+                    # the timeout; learning the route first fails fast, with libpq's reason.
                     self._pool = _open(
                         _CheckedPool(
                             url,
                             min_size=1,
                             max_size=self.pool_size,
-                            kwargs=_POOL_KWARGS,
+                            kwargs=_pool_kwargs(behind_pooler(url)),
                             open=False,
                         )
                     )
@@ -620,12 +650,13 @@ class App:
         :attr:`pool`)."""
         if self._async_pool is None:
             # Fail fast with libpq's reason, as the sync pool does.
-            await (await connect_async(self.database_url, connect_timeout=CONNECT_TIMEOUT)).close()
+            url = await asyncio.to_thread(lambda: self.database_url)
+            pooled = await behind_pooler_async(url)
             pool = _CheckedAsyncPool(
-                self.database_url,
+                url,
                 min_size=1,
                 max_size=self.pool_size,
-                kwargs=_POOL_KWARGS,
+                kwargs=_pool_kwargs(pooled),
                 open=False,
             )
             try:

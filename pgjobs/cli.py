@@ -18,7 +18,7 @@ import typer
 
 from pgjobs.errors import ConfigurationError, PgJobsError
 from pgjobs.limits import QueueLimits
-from pgjobs.settings import APP_ENV, DATABASE_URL_ENV, SCHEMA_ENV
+from pgjobs.settings import APP_ENV, DATABASE_URL_ENV, LISTEN_URL_ENV, SCHEMA_ENV
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -42,6 +42,7 @@ class Globals:
     database_url: str | None = None
     app: str | None = None
     schema: str | None = None
+    listen_url: str | None = None
 
     def url(self) -> str:
         """The database URL, starting the embedded server when none is configured."""
@@ -75,6 +76,8 @@ class Globals:
             raise ConfigurationError(f"{target!r} is not a pgjobs.App")
         if self.database_url and app._database_url is None:
             app._database_url = self.database_url
+        if self.listen_url and app._listen_url is None:
+            app._listen_url = self.listen_url
         return app
 
 
@@ -99,9 +102,19 @@ def main_options(
         str | None,
         typer.Option("--schema", envvar=SCHEMA_ENV, help="pgjobs' schema (default: pgjobs)."),
     ] = None,
+    listen_url: Annotated[
+        str | None,
+        typer.Option(
+            "--listen-url",
+            envvar=LISTEN_URL_ENV,
+            help="Direct PostgreSQL URL for LISTEN when --database-url goes through "
+            "PgBouncer in transaction mode (without one, workers poll).",
+        ),
+    ] = None,
 ) -> None:
     """Options shared by every command."""
     state.database_url, state.app, state.schema = database_url, app, schema
+    state.listen_url = listen_url
 
 
 def reports_errors(fn: F) -> F:
@@ -342,7 +355,7 @@ def work(
     if processes > 1:
         from pgjobs.supervisor import Supervisor, child_argv, child_env
 
-        env = child_env(app.database_url, DEMO_APP if demo else None)
+        env = child_env(app.database_url, DEMO_APP if demo else None, app.listen_url)
         supervisor = Supervisor(child_argv(sys.argv[1:]), processes, env, burst=burst)
         if metrics_port is None:
             raise typer.Exit(supervisor.run())
@@ -437,17 +450,26 @@ class UsageError(PgJobsError):
     """A command-line value pgjobs cannot use (reported as one line, exit 1)."""
 
 
+def _plain_app() -> Any:
+    """The --app's App, or one on the configured database that enqueues any task by name."""
+    from pgjobs.app import App
+
+    if state.app:
+        return state.load_app()
+    return App(
+        state.database_url,
+        schema=state.schema_name(),
+        strict_tasks=False,
+        listen_url=state.listen_url,
+    )
+
+
 @contextmanager
 def _admin(batch_size: int | None = None) -> Iterator[Any]:
     """An Admin on the configured database (the --app's, when one is given)."""
     from pgjobs.admin import DEFAULT_BATCH_SIZE, Admin
-    from pgjobs.app import App
 
-    app = (
-        state.load_app()
-        if state.app
-        else App(state.url(), schema=state.schema_name(), strict_tasks=False)
-    )
+    app = _plain_app()
     try:
         yield Admin(app, batch_size=batch_size or DEFAULT_BATCH_SIZE)
     finally:
@@ -601,15 +623,9 @@ def enqueue(
 ) -> None:
     """Enqueue one job by task name (tasks need not be importable here unless --app is
     given). Prints the job id (an existing live job's id for a duplicate unique key)."""
-    from pgjobs.app import App
-
     payload = _parse_args_json(args)
     wait = _duration(delay, "--delay") if delay is not None else None
-    app = (
-        state.load_app()
-        if state.app
-        else App(state.url(), schema=state.schema_name(), strict_tasks=False)
-    )
+    app = _plain_app()
     try:
         job_id = app.enqueue(
             task,
@@ -1164,10 +1180,9 @@ def dashboard(
     Prometheus /metrics. PGJOBS_DASHBOARD_TOKEN or PGJOBS_DASHBOARD_PASSWORD (with
     PGJOBS_DASHBOARD_USER, default 'pgjobs') in the environment require a login."""
     _configure_logging(log_level)
-    from pgjobs.app import App
     from pgjobs.dashboard.server import auth_from_env, serve
 
-    app = state.load_app() if state.app else App(state.database_url, schema=state.schema_name())
+    app = _plain_app()
     serve(app, host=host, port=port, read_only=read_only, auth=auth_from_env())
 
 

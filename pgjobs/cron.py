@@ -49,7 +49,7 @@ from pgjobs.enqueue import check_max_attempts, check_priority, schema_errors, to
 from pgjobs.errors import ConfigurationError, PgJobsError
 from pgjobs.queries import Queries
 from pgjobs.settings import validate_queue, validate_task_name
-from pgjobs.worker_db import connect_sync
+from pgjobs.worker_db import connect_sync, local_settings
 
 if TYPE_CHECKING:
     from pgjobs.task import Task
@@ -533,6 +533,7 @@ class Scheduler:
         conn = self._connection()
         try:
             with schema_errors(self.queries.schema), conn.transaction():
+                local_settings(conn, lock_timeout=LOCK_TIMEOUT)
                 row = self._lock(conn, state)
                 done = None if row is None else self._enqueue_due(conn, periodic, row)
         except psycopg.errors.LockNotAvailable:

@@ -1,14 +1,19 @@
-"""Where pgjobs' database is: an explicit URL, PGJOBS_DATABASE_URL, or the embedded server."""
+"""Where pgjobs' database is: an explicit URL, PGJOBS_DATABASE_URL, or the embedded server;
+whether a URL reaches it through a transaction pooler (PgBouncer); connecting to it."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import threading
 
 import psycopg
 
-from pgjobs.errors import ConfigurationError, DatabaseError
-from pgjobs.settings import DATABASE_URL_ENV
+from pgjobs.errors import ConfigurationError, DatabaseError, one_line
+from pgjobs.settings import DATABASE_URL_ENV, LISTEN_URL_ENV
+
+log = logging.getLogger("pgjobs.database")
 
 _DRIVER = re.compile(r"^postgres(?:ql)?\+\w+://")
 # Seconds to wait for a server that does not answer (a refused connection fails at once).
@@ -27,6 +32,62 @@ def resolve_database_url(explicit: str | None = None) -> str:
     from pgjobs.embedded import embedded_database_url
 
     return embedded_database_url()
+
+
+def resolve_listen_url(explicit: str | None = None) -> str | None:
+    """The direct URL for LISTEN, when the database URL goes through a pooler: an explicit
+    URL, then ``PGJOBS_LISTEN_URL``; None when neither is set."""
+    url = explicit or os.environ.get(LISTEN_URL_ENV)
+    return libpq_url(url) if url else None
+
+
+# url -> whether it goes through a transaction pooler, learnt once per process.
+_behind_pooler: dict[str, bool] = {}
+_behind_pooler_lock = threading.Lock()
+
+
+def behind_pooler(url: str) -> bool:
+    """Whether ``url`` reaches PostgreSQL through a pooler that hands out server sessions
+    per transaction (PgBouncer, pgcat, Odyssey, RDS Proxy in transaction mode).
+
+    Such a pooler answers the connection itself, with a cancel key of its own: the
+    backend pid it announces is not the pid of the server session that runs the
+    statements. Learnt with one connection per URL and process (which also fails fast,
+    with libpq's reason, when the server cannot be reached).
+    """
+    known = _behind_pooler.get(url)
+    if known is not None:
+        return known
+    with _behind_pooler_lock:
+        if url not in _behind_pooler:
+            with connect(
+                url, autocommit=True, prepare_threshold=None, connect_timeout=CONNECT_TIMEOUT
+            ) as conn:
+                row = conn.execute("SELECT pg_backend_pid()").fetchone()
+                pooled = row != (conn.info.backend_pid,)
+            if pooled:
+                log.info(
+                    "%s goes through a transaction pooler: no prepared statements, no "
+                    "session settings, LISTEN only over a direct URL",
+                    _where(url),
+                )
+            _behind_pooler[url] = pooled
+    return _behind_pooler[url]
+
+
+async def behind_pooler_async(url: str) -> bool:
+    """:func:`behind_pooler` from a coroutine (learning it blocks on a thread)."""
+    known = _behind_pooler.get(url)
+    if known is not None:
+        return known
+    import asyncio
+
+    return await asyncio.to_thread(behind_pooler, url)
+
+
+def _where(url: str) -> str:
+    params = psycopg.conninfo.conninfo_to_dict(url)
+    return f"{params.get('host') or 'localhost'}:{params.get('port') or 5432}"
 
 
 def libpq_url(url: str) -> str:
@@ -58,7 +119,7 @@ def connect(url: str, **kwargs: object) -> psycopg.Connection[object]:
     try:
         return psycopg.connect(url, **kwargs)  # type: ignore[arg-type]
     except psycopg.OperationalError as exc:
-        raise DatabaseError(f"cannot connect to the database: {_one_line(exc)}") from exc
+        raise DatabaseError(f"cannot connect to the database: {one_line(exc)}") from exc
 
 
 async def connect_async(url: str, **kwargs: object) -> psycopg.AsyncConnection[object]:
@@ -66,8 +127,4 @@ async def connect_async(url: str, **kwargs: object) -> psycopg.AsyncConnection[o
     try:
         return await psycopg.AsyncConnection.connect(url, **kwargs)  # type: ignore[arg-type]
     except psycopg.OperationalError as exc:
-        raise DatabaseError(f"cannot connect to the database: {_one_line(exc)}") from exc
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
+        raise DatabaseError(f"cannot connect to the database: {one_line(exc)}") from exc

@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import sql
 
-from pgjobs.errors import DatabaseError
+from pgjobs.database import behind_pooler, behind_pooler_async
+from pgjobs.errors import ConfigurationError, DatabaseError
 from pgjobs.settings import events_application_name, events_channel_for
 from pgjobs.worker_db import connect_async, connect_sync
 
@@ -101,6 +102,13 @@ def _resync(at: dt.datetime) -> JobEvent:
     return JobEvent(None, None, None, "resync", None, at)
 
 
+def _needs_direct_url() -> ConfigurationError:
+    return ConfigurationError(
+        "job events need LISTEN, which does not work through a transaction pooler: "
+        "give the App a direct listen_url (or set PGJOBS_LISTEN_URL / --listen-url)"
+    )
+
+
 class EventStream:
     """``app.events(job_id=None, queue=None)``: iterate with ``for`` or ``async for``.
 
@@ -131,7 +139,10 @@ class EventStream:
 
     def connect(self) -> psycopg.Connection[Any]:
         """A subscriber connection, listening (workers see it at their next heartbeat)."""
-        conn = connect_sync(self.app.database_url, self.application_name)
+        url = self.app.listen_url
+        if behind_pooler(url):
+            raise _needs_direct_url()
+        conn = connect_sync(url, self.application_name)
         conn.execute(self._listen_sql())
         return conn
 
@@ -165,7 +176,9 @@ class EventStream:
 
     async def connect_async(self) -> psycopg.AsyncConnection[Any]:
         """The async twin of :meth:`connect`."""
-        url = await asyncio.to_thread(lambda: self.app.database_url)
+        url = await asyncio.to_thread(lambda: self.app.listen_url)
+        if await behind_pooler_async(url):
+            raise _needs_direct_url()
         conn = await connect_async(url, self.application_name)
         await conn.execute(self._listen_sql())
         return conn

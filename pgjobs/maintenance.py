@@ -38,7 +38,7 @@ from pgjobs.admin import Retention
 from pgjobs.errors import DatabaseError, SchemaNotReadyError
 from pgjobs.queries import Queries
 from pgjobs.settings import events_application_name, events_channel_for
-from pgjobs.worker_db import connect_sync
+from pgjobs.worker_db import connect_sync, local_settings
 
 log = logging.getLogger("pgjobs.maintenance")
 
@@ -107,6 +107,8 @@ class Maintenance:
         # Not at once: a fleet restarting together should not all try to prune on start.
         self._prune_at = time.monotonic() + prune_interval * random.uniform(0.5, 1.0)
         self._conn: psycopg.Connection[Any] | None = None
+        # When the last heartbeat (or registration) that got through was sent (monotonic).
+        self._beat_at = float("-inf")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pgjobs-heartbeat", daemon=True)
 
@@ -114,12 +116,14 @@ class Maintenance:
         """Register (synchronously: a worker must never claim before its row exists, or a
         rescuer would take the jobs back), then heartbeat on the thread."""
         self._conn = self._connect()
+        sent = time.monotonic()
         try:
             self._conn.execute(self.queries.register_worker, self.registration.params())
         except psycopg.errors.UndefinedTable as exc:
             raise SchemaNotReadyError(
                 "pgjobs' tables are missing in this database: run `pgjobs migrate upgrade`"
             ) from exc
+        self._beat_at = sent
         self.check_events(self._conn)
         self._thread.start()
 
@@ -149,6 +153,7 @@ class Maintenance:
     def tick(self) -> None:
         """One heartbeat, then one rescue pass, then (when due) one retention pass."""
         conn = self._connection()
+        sent = time.monotonic()
         row = conn.execute(self.queries.heartbeat, {"id": self.registration.id}).fetchone()
         if row is None:
             log.warning(
@@ -157,14 +162,23 @@ class Maintenance:
                 self.registration.id,
                 self.timeout,
             )
+            sent = time.monotonic()
             conn.execute(self.queries.register_worker, self.registration.params())
             self.on_lost()
+        self._beat_at = sent
         self.check_events(conn)
         self.rescue(conn)
         self.check_dead_alerts(conn)
         if self.retention is not None and time.monotonic() >= self._prune_at:
             full = self.prune(conn)
             self._prune_at = time.monotonic() + (self.interval if full else self.prune_interval)
+
+    def counted_alive(self) -> bool:
+        """Whether the peers still count this worker alive: its last heartbeat that got
+        through is younger than ``timeout`` (less half an interval, for a claim on its
+        way). Once it is older they may rescue its running jobs, the ones it claims next
+        included, and run them a second time."""
+        return time.monotonic() < self._beat_at + self.timeout - self.interval / 2
 
     def check_events(self, conn: psycopg.Connection[Any]) -> None:
         """Is an events subscriber connected? (sets :attr:`events`)"""
@@ -180,6 +194,7 @@ class Maintenance:
         threshold since the last alert (one worker at a time, once per crossing): a
         warning, a ``dead_alert`` event and the application's hooks."""
         with conn.transaction():
+            local_settings(conn)
             lock = {"key": f"pgjobs:{self.queries.schema}:dead_alert"}
             if conn.execute(self.queries.try_dead_alert_lock, lock).fetchone() != (True,):
                 return
@@ -231,6 +246,7 @@ class Maintenance:
         assert self.retention is not None
         full = False
         with conn.transaction():
+            local_settings(conn)
             lock = {"key": f"pgjobs:{self.queries.schema}:prune"}
             if conn.execute(self.queries.try_prune_lock, lock).fetchone() != (True,):
                 return False

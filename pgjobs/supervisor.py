@@ -106,11 +106,14 @@ def child_argv(argv: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "pgjobs", *argv, "--processes", "1"]
 
 
-def child_env(database_url: str, app: str | None) -> dict[str, str]:
+def child_env(database_url: str, app: str | None, listen_url: str | None = None) -> dict[str, str]:
     """The children's environment: the resolved database (so they share one embedded
-    server) and the application (so the demo is seeded once, by the supervisor)."""
+    server), its direct URL for LISTEN if there is one, and the application (so the demo
+    is seeded once, by the supervisor)."""
     env = dict(os.environ)
     env["PGJOBS_DATABASE_URL"] = database_url
+    if listen_url is not None and listen_url != database_url:
+        env["PGJOBS_LISTEN_URL"] = listen_url
     env[SUPERVISOR_ENV] = str(os.getpid())
     if app:
         env["PGJOBS_APP"] = app

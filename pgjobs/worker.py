@@ -50,12 +50,13 @@ from pgjobs.app import App
 from pgjobs.completions import Completions
 from pgjobs.context import JobContext
 from pgjobs.cron import Scheduler
+from pgjobs.database import behind_pooler_async
 from pgjobs.errors import ConfigurationError, DatabaseError, SchemaNotReadyError
 from pgjobs.execution import ClaimedJob, Executor, error_entry, handed_back
 from pgjobs.listener import Listener
 from pgjobs.maintenance import DEFAULT_RETENTION, PRUNE_INTERVAL, Maintenance, Registration
 from pgjobs.settings import control_channel_for, events_channel_for, validate_queue
-from pgjobs.worker_db import connect_async
+from pgjobs.worker_db import connect_async, is_pooled, local_settings_async
 
 log = logging.getLogger("pgjobs.worker")
 
@@ -229,6 +230,8 @@ class Worker:
         self._listener_task: asyncio.Task[None] | None = None
         self._scheduler: Scheduler | None = None
         self._debug = False
+        # Claims held back: no heartbeat got through for too long (see _counted_alive).
+        self._claims_held = False
 
     # -- public --------------------------------------------------------------------------
 
@@ -273,11 +276,12 @@ class Worker:
 
     async def _start(self) -> None:
         url = await asyncio.to_thread(lambda: self.app.database_url)
-        if self.listen:
+        listen_url = await asyncio.to_thread(lambda: self.app.listen_url)
+        if await self._can_listen(listen_url):
             # Connecting and LISTEN go on while the rest starts (the first claim waits for
             # them, see _await_listener).
             self.listener = Listener(
-                url,
+                listen_url,
                 self.app.channel,
                 self.queues,
                 self._on_jobs,
@@ -309,6 +313,8 @@ class Worker:
         for outcome in (registered, conn):
             if isinstance(outcome, BaseException):
                 raise outcome
+        if isinstance(conn, psycopg.AsyncConnection) and is_pooled(conn):
+            await _check_isolation(conn)
         if self.app.periodics and not self.burst:
             # Periodic jobs: every worker schedules them (on a thread; see pgjobs.cron).
             notify = getattr(self.app.writer, "notify", True)
@@ -334,6 +340,41 @@ class Worker:
             " ".join(f"{','.join(g.queues)}={g.slots}" for g in self._groups),
             self.prefetch,
         )
+        budget = self.connections()
+        log.info(
+            "worker %s holds %d database connection(s)%s: %s; tasks that use the app's pool "
+            "add up to %d",
+            self.id,
+            sum(budget.values()),
+            " through a transaction pooler" if await behind_pooler_async(url) else "",
+            ", ".join(f"{name} {n}" for name, n in budget.items()),
+            self.app.pool_size,
+        )
+
+    def connections(self) -> dict[str, int]:
+        """The database connections this worker holds while it runs, by duty (the app's
+        pool, which only tasks use, aside): its connection budget."""
+        return {
+            "claim": 1,
+            "listen": int(self.listener is not None),
+            "completion": 1,
+            "maintenance": 1,
+            "scheduler": int(self._scheduler is not None),
+        }
+
+    async def _can_listen(self, listen_url: str) -> bool:
+        if not self.listen:
+            return False
+        if await behind_pooler_async(listen_url):
+            log.warning(
+                "the database URL goes through a transaction pooler, where LISTEN does not "
+                "work: polling every %.1f s (jittered) instead; give a direct URL of the same "
+                "database with --listen-url or PGJOBS_LISTEN_URL for wake-ups within "
+                "milliseconds",
+                self.poll_interval,
+            )
+            return False
+        return True
 
     async def _declare_limits(self) -> None:
         """Write the app's declared queue limits (App.limit_queue) to the database."""
@@ -465,6 +506,9 @@ class Worker:
         while not self._shutdown.is_set():
             # A busy worker (it never sleeps) refreshes here, at most every few intervals.
             await self._refresh_limited(_LIMITS_REFRESH_BUSY)
+            if not self._counted_alive():
+                await self._wait_for_heartbeat()
+                continue
             claimed = short = 0
             for group in self._groups:
                 assert self._claiming is not None
@@ -491,6 +535,32 @@ class Worker:
         want = group.free
         return want > 0 and (group.dirty or self._refill_due(group, want))
 
+    def _counted_alive(self) -> bool:
+        """Whether this worker may claim: not while its peers may count it dead (see
+        Maintenance.counted_alive), as after a network cut, until a heartbeat gets through
+        again. They rescue what a dead worker holds: what it claimed would run twice."""
+        alive = self._maintenance is None or self._maintenance.counted_alive()
+        if alive == self._claims_held:
+            if alive:
+                log.info("a heartbeat got through again: claiming again")
+            else:
+                log.warning(
+                    "no heartbeat got through for %.1f s: claiming nothing until one does",
+                    self.heartbeat_timeout - self.heartbeat_interval / 2,
+                )
+            self._claims_held = not alive
+        return alive
+
+    async def _wait_for_heartbeat(self) -> None:
+        assert self._wake is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                self._wake.wait(), min(self.heartbeat_interval, self.poll_interval)
+            )
+        self._wake.clear()
+        # Whatever was notified meanwhile is claimed once the heartbeat is back.
+        self._all_dirty()
+
     async def _claim_notified(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Called by the listener after notifications, with its connection: claim for the
         groups they concern right here, unless a claim is in flight already (the claim
@@ -498,7 +568,7 @@ class Worker:
         locks, which the listener must never do). An error propagates: to the listener
         it means a lost connection, and the claim loop claims instead."""
         assert self._claiming is not None
-        if self._claiming.locked() or self._shutdown.is_set():
+        if self._claiming.locked() or self._shutdown.is_set() or not self._counted_alive():
             return
         async with self._claiming:
             for group in self._groups:
@@ -579,6 +649,7 @@ class Worker:
     ) -> list[tuple[Any, ...]]:
         # One transaction: wait for this queue's turn, then count with a fresh snapshot.
         async with conn.transaction():
+            await local_settings_async(conn)
             await conn.execute(self.app.queries.lock_limited_queues, {"queues": queues})
             cur = await conn.execute(
                 self.app.queries.claim_limited, self._claim_params(queues, limit, start)
@@ -932,6 +1003,21 @@ class Worker:
                 len(lost),
                 [r.job.id for r in lost][:20],
             )
+
+
+async def _check_isolation(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Through a pooler the worker cannot set its isolation level per session: the role's
+    default must already be READ COMMITTED (the claim and the fenced writes re-check rows
+    at lock time, which stricter levels answer with serialization errors)."""
+    cur = await conn.execute("SHOW default_transaction_isolation")
+    row = await cur.fetchone()
+    level = row[0] if row else None
+    if level != "read committed":
+        raise ConfigurationError(
+            f"the worker's role defaults to {level} isolation, and through a transaction "
+            "pooler pgjobs cannot set READ COMMITTED per session: ALTER ROLE ... SET "
+            "default_transaction_isolation = 'read committed' for the workers' role"
+        )
 
 
 def _interrupted(running: _Running, worker: str, message: str) -> str:

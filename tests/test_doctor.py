@@ -7,7 +7,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from ops_helpers import add_job, add_worker
+from ops_helpers import add_job, add_worker, server_pid
 from typer.testing import CliRunner
 
 from pgjobs import migrate
@@ -55,7 +55,7 @@ def test_an_open_transaction_holding_xmin_warns_then_fails(
     with psycopg.connect(db_url) as holder:
         holder.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         holder.execute("SELECT count(*) FROM pgjobs.jobs").fetchone()  # takes a snapshot
-        pid = holder.info.backend_pid
+        pid = server_pid(holder)
         # Default thresholds (5 minutes): a fresh transaction is fine.
         assert run(db_url)["long transactions"].verdict is Verdict.OK
         warned = run(db_url, transaction_warn=0.0)["long transactions"]

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pgbouncer
 import psycopg
 import pytest
 import sqlalchemy
@@ -55,7 +56,9 @@ def psycopg_attribute(url: str, level: IsolationLevel) -> Iterator[Any]:
 @contextmanager
 def role_default(url: str, level: IsolationLevel) -> Iterator[Any]:
     name = level.name.replace("_", r"\ ").lower()  # libpq's options: escape the space
-    with psycopg.connect(url, options=f"-c default_transaction_isolation={name}") as conn:
+    # A session setting: no PgBouncer in between.
+    options = f"-c default_transaction_isolation={name}"
+    with psycopg.connect(pgbouncer.direct(url), options=options) as conn:
         yield conn
 
 

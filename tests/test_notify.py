@@ -30,8 +30,9 @@ def db_url(emptied_db_url: str) -> str:
 
 
 @pytest.fixture
-def listener(db_url: str) -> Iterator[psycopg.Connection[Any]]:
-    with psycopg.connect(db_url, autocommit=True) as conn:
+def listener(direct_db_url: str) -> Iterator[psycopg.Connection[Any]]:
+    # LISTEN only works on a direct connection.
+    with psycopg.connect(direct_db_url, autocommit=True) as conn:
         conn.execute(f"LISTEN {CHANNEL}")
         yield conn
 

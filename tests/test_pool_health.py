@@ -11,6 +11,7 @@ import select
 import time
 from typing import Any
 
+import pgbouncer
 import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
@@ -103,6 +104,10 @@ async def test_enqueue_async_after_the_pooled_connections_were_terminated(
         await app.aclose()
 
 
+@pytest.mark.skipif(
+    pgbouncer.SUITE_THROUGH_PGBOUNCER,
+    reason="LISTENs on a pooled connection, which PgBouncer in transaction mode cannot carry",
+)
 def test_a_connection_in_use_is_not_taken_for_dead(
     app: pgjobs.App, conn: psycopg.Connection[Any]
 ) -> None:

@@ -12,8 +12,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import pgbouncer
 import psycopg
 import pytest
+from ops_helpers import server_pid
 
 import pgjobs
 from pgjobs.admin import Admin
@@ -163,12 +165,15 @@ def test_bulk_enqueues_with_overlapping_keys_in_any_order_never_deadlock(
         except BaseException as exc:
             results[i] = exc
 
+    # The server's pid of each caller's transaction (through PgBouncer, the pid psycopg
+    # knows is the pooler's).
+    pids = [server_pid(c) for c in callers]
     try:
         sync.enqueue(k="x", unique_key="x", conn=holder)
         threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(2)]
         for i, thread in enumerate(threads):
             thread.start()
-            pid = callers[i].info.backend_pid
+            pid = pids[i]
             _wait_for(lambda pid=pid: _waiting_on_a_lock(conn, pid), f"caller {i} waits")
         holder.rollback()
         for thread in threads:
@@ -284,8 +289,8 @@ def test_a_deadlock_of_the_callers_own_making_reaches_it_as_a_pgjobs_error(
             threading.Thread(target=second_key, args=(0, "b")),
             threading.Thread(target=second_key, args=(1, "a")),
         ]
+        pid = server_pid(callers[0])
         threads[0].start()
-        pid = callers[0].info.backend_pid
         _wait_for(lambda: _waiting_on_a_lock(conn, pid), "the first caller waits")
         threads[1].start()
         for thread in threads:
@@ -307,8 +312,9 @@ def test_enqueue_on_the_pool_runs_a_transaction_that_lost_a_race_again(
     # pgjobs' own connections under SERIALIZABLE (the role's default): a duplicate that
     # commits while the enqueue waits for it fails that transaction, and pgjobs, which
     # owns it, runs it again and finds the job.
+    # A session setting: no PgBouncer in between.
     serializable = psycopg.conninfo.make_conninfo(
-        db_url, options="-c default_transaction_isolation=serializable"
+        pgbouncer.direct(db_url), options="-c default_transaction_isolation=serializable"
     )
     with pgjobs.App(serializable) as app:
 

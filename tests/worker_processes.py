@@ -111,7 +111,13 @@ class Workers:
             "--log-level", log_level, *args,
         ]  # fmt: skip
         log_path = self.tmp_path / f"worker-{len(self.started)}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PGJOBS_")}
+        # Only this test's settings: the direct URL for LISTEN is one of them when the suite
+        # runs through PgBouncer.
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("PGJOBS_") or k == "PGJOBS_LISTEN_URL"
+        }
         with log_path.open("wb") as log:
             popen = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         proc = WorkerProcess(popen, log_path)
@@ -120,10 +126,13 @@ class Workers:
             self.wait_ready(proc, processes)
         return proc
 
-    def wait_ready(self, proc: WorkerProcess, processes: int = 1, timeout: float = 30.0) -> None:
-        """Until the worker's row exists (a supervisor's: its children's rows) and it
-        listens."""
-        with psycopg.connect(self.url, autocommit=True) as conn:
+    def wait_ready(
+        self, proc: WorkerProcess, processes: int = 1, timeout: float = 30.0, listens: bool = True
+    ) -> None:
+        """Until the worker's row exists (a supervisor's: its children's rows) and, unless
+        ``listens`` is false (a worker that polls), it listens."""
+        # Nothing prepared: the URL may go through PgBouncer.
+        with psycopg.connect(self.url, autocommit=True, prepare_threshold=None) as conn:
 
             def ready() -> bool:
                 if proc.popen.poll() is not None:
@@ -136,7 +145,7 @@ class Workers:
                 else:
                     query = "SELECT count(*) > 0 FROM pgjobs.workers WHERE pid = %s"
                     registered = scalar(conn, query, (proc.pid,))
-                return bool(registered) and "listening" in proc.log()
+                return bool(registered) and (not listens or "listening" in proc.log())
 
             wait_until(ready, timeout, f"worker {proc.pid} ready")
 

@@ -7,6 +7,7 @@ import base64
 import os
 from typing import Any
 
+import pgbouncer
 import psycopg
 import pytest
 from dash_helpers import csrf_token
@@ -390,7 +391,9 @@ def test_a_role_granted_only_the_views_sees_the_overview_workers_and_metrics(
             "pgjobs.throughput_per_minute, pgjobs.queue_depths, pgjobs.dead_jobs, "
             f"pgjobs.queue_limits TO {role}"
         )
-        url = make_conninfo(**{**conninfo_to_dict(db_url), "user": role, "password": None})
+        # Direct: the suite's PgBouncer knows only the suite's own user.
+        direct = pgbouncer.direct(db_url)
+        url = make_conninfo(**{**conninfo_to_dict(direct), "user": role, "password": None})
         viewer = pgjobs.App(url)
         try:
             with TestClient(create_app(viewer, read_only=True)) as client:

@@ -39,7 +39,7 @@ def log(job_id: int, phase: str) -> None:
     """A flow_log row from a sync task (one connection per worker thread)."""
     conn = getattr(_local, "conn", None)
     if conn is None:
-        conn = _local.conn = psycopg.connect(app.database_url, autocommit=True)
+        conn = _local.conn = psycopg.connect(app.listen_url, autocommit=True)
     conn.execute(_INSERT, (job_id, os.getpid(), phase))
 
 
@@ -47,7 +47,7 @@ async def alog(job_id: int, phase: str) -> None:
     """A flow_log row from an async task (one connection per worker process)."""
     global _async_conn
     if _async_conn is None:
-        _async_conn = await psycopg.AsyncConnection.connect(app.database_url, autocommit=True)
+        _async_conn = await psycopg.AsyncConnection.connect(app.listen_url, autocommit=True)
     await _async_conn.execute(_INSERT, (job_id, os.getpid(), phase))
 
 

@@ -104,12 +104,12 @@ def test_a_failing_job_yields_failed_then_retried_then_dead(
 
 
 def test_without_subscribers_workers_send_no_events(
-    wapp: pgjobs.App, ledger: psycopg.Connection[Any], workers: Workers, db_url: str
+    wapp: pgjobs.App, ledger: psycopg.Connection[Any], workers: Workers, direct_db_url: str
 ) -> None:
     from worker_app import progress, record_sync
 
     # A plain listener (not a subscriber: its application_name is not the events one).
-    with psycopg.connect(db_url, autocommit=True) as spy:
+    with psycopg.connect(direct_db_url, autocommit=True) as spy:
         spy.execute(f"LISTEN {CHANNEL}")
         worker = workers.start()
         ids = [record_sync.enqueue(n=i) for i in range(45)] + [progress.enqueue() for _ in range(5)]

@@ -279,14 +279,14 @@ def test_listener_heals_after_its_backend_is_terminated(
 
 
 async def test_the_listener_lends_its_connection_and_loses_no_notification_meanwhile(
-    db_url: str,
+    direct_db_url: str,
 ) -> None:
     # The worker claims on the listener's connection after a notification (on_notified).
     # One that arrives while that claim runs is read by psycopg along with the claim's
     # result; it must still reach on_jobs and call for a claim of its own.
     woken: list[str] = []
     lent: list[int] = []
-    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as sender:
+    async with await psycopg.AsyncConnection.connect(direct_db_url, autocommit=True) as sender:
 
         async def notify(queue: str) -> None:
             payload = json.dumps({"queue": queue, "jobs": 1})
@@ -299,7 +299,7 @@ async def test_the_listener_lends_its_connection_and_loses_no_notification_meanw
                 await connection.execute("SELECT pg_sleep(0.2)")
 
         listener = Listener(
-            db_url,
+            direct_db_url,
             "pgjobs_test",
             ["a", "b"],
             on_jobs=lambda queue, n: woken.append(queue),
@@ -345,7 +345,7 @@ async def test_worker_embeds_in_an_application(
 
 
 async def test_the_listener_survives_a_failing_callback(
-    db_url: str, caplog: pytest.LogCaptureFixture
+    direct_db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     woken: list[str] = []
 
@@ -354,11 +354,11 @@ async def test_the_listener_survives_a_failing_callback(
         if len(woken) == 1:
             raise RuntimeError("a bug in the worker")
 
-    listener = Listener(db_url, "pgjobs_test", ["a"], on_jobs, on_connect=lambda: None)
+    listener = Listener(direct_db_url, "pgjobs_test", ["a"], on_jobs, on_connect=lambda: None)
     task = asyncio.create_task(listener.run())
     payload = json.dumps({"queue": "a", "jobs": 1})
     try:
-        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as sender:
+        async with await psycopg.AsyncConnection.connect(direct_db_url, autocommit=True) as sender:
             async with asyncio.timeout(10):
                 while len(woken) < 2:
                     # Until a notification reaches the listener that came back.

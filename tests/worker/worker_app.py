@@ -37,6 +37,8 @@ _INSERT = (
 
 # Ledger rows are committed and visible at once; only their flush to disk is not awaited
 # (durability is not under test, and a disk flush per execution would dominate the drain).
+# The ledger is the tests' instrument, not pgjobs: it connects directly, on listen_url (the
+# direct URL when the suite runs through PgBouncer, the database URL otherwise).
 _OPTIONS = "-c synchronous_commit=off"
 _local = threading.local()
 _async_conn: psycopg.AsyncConnection[Any] | None = None
@@ -46,7 +48,7 @@ def record(ctx: pgjobs.JobContext, phase: str = "run") -> None:
     """Ledger entry from a sync task (one connection per worker thread)."""
     conn = getattr(_local, "conn", None)
     if conn is None:
-        conn = _local.conn = psycopg.connect(app.database_url, autocommit=True, options=_OPTIONS)
+        conn = _local.conn = psycopg.connect(app.listen_url, autocommit=True, options=_OPTIONS)
     conn.execute(_INSERT, (ctx.id, ctx.attempt, ctx.lease_token, os.getpid(), phase))
 
 
@@ -55,7 +57,7 @@ async def arecord(ctx: pgjobs.JobContext, phase: str = "run") -> None:
     global _async_conn
     if _async_conn is None:
         _async_conn = await psycopg.AsyncConnection.connect(
-            app.database_url, autocommit=True, options=_OPTIONS
+            app.listen_url, autocommit=True, options=_OPTIONS
         )
     await _async_conn.execute(_INSERT, (ctx.id, ctx.attempt, ctx.lease_token, os.getpid(), phase))
 
@@ -64,7 +66,7 @@ def executions(ctx: pgjobs.JobContext) -> int:
     """How often this job ran before (ledger rows), for tasks that change behaviour."""
     conn = getattr(_local, "conn", None)
     if conn is None:
-        conn = _local.conn = psycopg.connect(app.database_url, autocommit=True)
+        conn = _local.conn = psycopg.connect(app.listen_url, autocommit=True)
     row = conn.execute("SELECT count(*) FROM ledger WHERE job_id = %s", (ctx.id,)).fetchone()
     return int(row[0]) if row else 0
 
@@ -195,7 +197,7 @@ def typeerror(count: int) -> None:
 @app.on_dead_alert
 def dead_alert(queue: str, dead: int, threshold: int) -> None:
     """Ledger entry per dead-letter alert (job_id: dead count, attempt: threshold)."""
-    with psycopg.connect(app.database_url, autocommit=True) as conn:
+    with psycopg.connect(app.listen_url, autocommit=True) as conn:
         conn.execute(
             "INSERT INTO ledger (job_id, attempt, lease_token, pid, phase) "
             "VALUES (%s, %s, gen_random_uuid(), %s, %s)",
