@@ -32,3 +32,11 @@ def target_schema() -> str:
 def ddl(statement: str) -> str:
     """``statement`` with ``{schema}`` replaced by the quoted, validated target schema."""
     return statement.replace("{schema}", f'"{target_schema()}"')
+
+
+def execute(statements: list[str]) -> None:
+    """Run each of ``statements`` (``{schema}`` bound, see :func:`ddl`) in the migration."""
+    from alembic import op
+
+    for statement in statements:
+        op.execute(ddl(statement))

@@ -339,12 +339,35 @@ class Admin:
 
     def prune(self, retention: Retention | None = None) -> dict[str, int]:
         """Delete finished jobs past their state's retention, in bounded batches; returns
-        the number deleted per state. Live jobs are never touched."""
+        the number deleted per state. Live jobs are never touched. On a partitioned jobs
+        table, also archive the others into day partitions and drop the partitions past
+        their day (``archived`` and ``dropped_partitions`` in the result)."""
         retention = retention or Retention()
-        return {
+        deleted = {
             state: self._prune_state(state, period) if period is not None else 0
             for state, period in retention.periods().items()
         }
+        archived = self._archive(retention)
+        return deleted if archived is None else {**deleted, **archived}
+
+    def _archive(self, retention: Retention) -> dict[str, int] | None:
+        """On a partitioned jobs table: archive finished jobs into day partitions until
+        none is left to archive, and drop the partitions whose day is over (None on a
+        plain table)."""
+        from pgjobs import partitioning
+
+        total = {"archived": 0, "dropped_partitions": 0}
+        while True:
+            with self.app.pool.connection() as conn, _database_errors(), conn.transaction():
+                if not partitioning.is_partitioned(conn, self.app.schema):
+                    return None
+                done = partitioning.archive_and_drop(
+                    conn, self.queries, retention.periods(), self.batch_size
+                )
+            total["archived"] += done.archived
+            total["dropped_partitions"] += done.dropped
+            if not done.full:
+                return total
 
     def _prune_state(self, state: str, older_than: timedelta) -> int:
         if JobState(state) not in FINAL_STATES:  # pragma: no cover - a programming error

@@ -21,6 +21,7 @@ from pgjobs.cron import Missed, PeriodicTask, declare, parse_schedule
 from pgjobs.database import (
     behind_pooler,
     behind_pooler_async,
+    connection_defaults,
     resolve_database_url,
     resolve_listen_url,
 )
@@ -77,13 +78,17 @@ from pgjobs.task import Task, TaskConfig, flow_config
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _pool_kwargs(pooled: bool) -> dict[str, Any]:
+def _pool_kwargs(url: str, pooled: bool) -> dict[str, Any]:
     """How pgjobs' pools connect: every statement commits unless pgjobs opens a transaction
     itself; through a transaction pooler, nothing is prepared (the next statement may run
-    on another server session, where the prepared one does not exist)."""
+    on another server session, where the prepared one does not exist). With TCP keepalives,
+    ``tcp_user_timeout`` and ``connect_timeout`` unless the URL sets them (see
+    :data:`pgjobs.database.TCP_SETTINGS`): a server that vanished (a failover whose old
+    primary's host is gone) must not hold an enqueue for TCP's ~15 min."""
+    kwargs: dict[str, Any] = {"autocommit": True, **connection_defaults(url)}
     if pooled:
-        return {"autocommit": True, "prepare_threshold": None}
-    return {"autocommit": True}
+        kwargs["prepare_threshold"] = None
+    return kwargs
 
 
 DeadAlertHook = Callable[[str, int, int], Any]
@@ -639,7 +644,7 @@ class App:
                             url,
                             min_size=1,
                             max_size=self.pool_size,
-                            kwargs=_pool_kwargs(behind_pooler(url)),
+                            kwargs=_pool_kwargs(url, behind_pooler(url)),
                             open=False,
                         )
                     )
@@ -656,7 +661,7 @@ class App:
                 url,
                 min_size=1,
                 max_size=self.pool_size,
-                kwargs=_pool_kwargs(pooled),
+                kwargs=_pool_kwargs(url, pooled),
                 open=False,
             )
             try:

@@ -157,6 +157,28 @@ def migrate_downgrade(
     typer.echo(f"pgjobs schema {schema!r} is at {migrate.current(url, schema) or 'base (removed)'}")
 
 
+@migrate_cli.command("partition")
+@reports_errors
+def migrate_partition(
+    undo: Annotated[
+        bool, typer.Option("--undo", help="Back to a plain table, archived jobs included.")
+    ] = False,
+) -> None:
+    """Partition the jobs table: finished jobs go into day partitions that retention
+    drops whole. The table is locked for a moment only (catalog changes, no rewrite)."""
+    from pgjobs import partitioning
+
+    url, schema = state.url(), state.schema_name()
+    if undo:
+        moved = partitioning.unpartition(url, schema)
+        typer.echo(f"the jobs table of schema {schema!r} is a plain table ({moved} archived "
+                   "job(s) brought back)")  # fmt: skip
+    else:
+        partitioning.partition(url, schema)
+        typer.echo(f"the jobs table of schema {schema!r} is partitioned: finished jobs go "
+                   "into day partitions as retention archives them")  # fmt: skip
+
+
 @migrate_cli.command("current")
 @reports_errors
 def migrate_current() -> None:
@@ -1121,7 +1143,12 @@ def prune(
     if as_json:
         _print_json(deleted)
     else:
-        typer.echo(", ".join(f"{n} {s}" for s, n in deleted.items()) + " job(s) pruned")
+        states = {s: n for s, n in deleted.items() if s in ("succeeded", "cancelled", "dead")}
+        line = ", ".join(f"{n} {s}" for s, n in states.items()) + " job(s) pruned"
+        if "archived" in deleted:
+            line += (f"; {deleted['archived']} archived, {deleted['dropped_partitions']} "
+                     "day partition(s) dropped")  # fmt: skip
+        typer.echo(line)
 
 
 @cli.command("doctor")

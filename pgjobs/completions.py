@@ -78,6 +78,8 @@ class Completions:
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._connecting = asyncio.Lock()
         self._pending: list[Finish] = []
+        # The batch a statement is writing (or retrying after a lost connection) now.
+        self._writing: list[Finish] = []
         self._deferred: list[_Deferred] = []
         self._arrived = asyncio.Event()
         self._idle = asyncio.Event()
@@ -95,6 +97,12 @@ class Completions:
         # finished jobs): the worker claims again at once where that made room or work,
         # since workers never NOTIFY.
         self.on_written: Callable[[set[str], int], None] | None = None
+
+    def unwritten_leases(self) -> list[uuid.UUID]:
+        """The leases of every outcome not written yet: queued, being written, or set
+        aside for a retry. Their jobs are still held by this worker."""
+        unwritten = self._pending + self._writing + [d.finish for d in self._deferred]
+        return [f.lease_token for f in unwritten]
 
     def add(self, finish: Finish) -> None:
         """Queue one outcome for the next batch."""
@@ -121,7 +129,7 @@ class Completions:
                 while self._pending:
                     batch = self._pending[:BATCH_LIMIT]
                     self._pending = self._pending[BATCH_LIMIT:]
-                    await self._write_with_retry(batch)
+                    await self._writing_while(batch, self._write_with_retry(batch))
                 if self._deferred:
                     await self._retry_deferred()
                 self._idle.set()
@@ -258,8 +266,18 @@ class Completions:
         # Together first: once the cause has passed (a lock released, a trigger fixed), one
         # statement writes them all.
         for start in range(0, len(due), BATCH_LIMIT):
-            chunk = due[start : start + BATCH_LIMIT]
-            await self._write_with_retry([d.finish for d in chunk], max(d.tries for d in chunk))
+            chunk = [d.finish for d in due[start : start + BATCH_LIMIT]]
+            tries = max(d.tries for d in due[start : start + BATCH_LIMIT])
+            await self._writing_while(chunk, self._write_with_retry(chunk, tries))
+
+    async def _writing_while(self, batch: list[Finish], write: Awaitable[None]) -> None:
+        """Await ``write``, with ``batch`` counted among the unwritten outcomes meanwhile
+        (they left the queue: see unwritten_leases)."""
+        self._writing = batch
+        try:
+            await write
+        finally:
+            self._writing = []
 
     def _connection_lost(self, exc: psycopg.Error) -> bool:
         """Whether ``exc`` is about the connection rather than the statement."""

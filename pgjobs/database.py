@@ -17,7 +17,30 @@ log = logging.getLogger("pgjobs.database")
 
 _DRIVER = re.compile(r"^postgres(?:ql)?\+\w+://")
 # Seconds to wait for a server that does not answer (a refused connection fails at once).
+# With a multi-host URL it is per host: after a failover whose old primary vanished, each
+# new connection waits this long on the old primary's address before trying the next.
 CONNECT_TIMEOUT = 10
+# TCP settings of pgjobs' own connections, for a server that vanished without a word (its
+# host gone, the network cut; one that restarts, crashes or is failed over from on a live
+# host closes its connections at once). Keepalives find such a peer of an idle connection
+# in ~25 s (10 s idle, then 3 probes 5 s apart), so a pool drops that connection before
+# handing it out; tcp_user_timeout bounds a statement left unacknowledged, which would
+# otherwise wait out TCP's retransmissions, ~15 min. Socket options: no round trip.
+TCP_SETTINGS: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 25_000,
+}
+
+
+def connection_defaults(url: str) -> dict[str, int]:
+    """:data:`TCP_SETTINGS` and ``connect_timeout`` for a connection to ``url``, less those
+    the URL sets itself (the URL's own win)."""
+    given = psycopg.conninfo.conninfo_to_dict(url)
+    defaults = {**TCP_SETTINGS, "connect_timeout": CONNECT_TIMEOUT}
+    return {key: value for key, value in defaults.items() if key not in given}
 
 
 def resolve_database_url(explicit: str | None = None) -> str:

@@ -170,9 +170,13 @@ class Doctor:
         )
 
     def check_vacuum(self, conn: psycopg.Connection[Any]) -> Check:
-        """Dead rows in the jobs table and when it was last vacuumed."""
-        table = sql.SQL("{}.jobs").format(sql.Identifier(self.schema)).as_string(conn)
-        rows = self._rows(conn, "doctor_table_stats", {"table": table})
+        """Dead rows in the jobs table and when it was last vacuumed (of a partitioned
+        one: its partition jobs_current, where every claim and outcome writes)."""
+        from pgjobs.partitioning import CURRENT, is_partitioned
+
+        name = CURRENT if is_partitioned(conn, self.schema) else "jobs"
+        table = sql.SQL("{}.{}").format(sql.Identifier(self.schema), sql.Identifier(name))
+        rows = self._rows(conn, "doctor_table_stats", {"table": table.as_string(conn)})
         name = "jobs table vacuum"
         if not rows:
             return Check(name, Verdict.WARN, "no statistics for the jobs table yet")

@@ -17,7 +17,9 @@ Retention runs here too: every ``prune_interval`` seconds one worker (whichever 
 schema's prune lock, a transaction-level advisory lock, so no leader has to be elected or
 lost) deletes one bounded batch of finished jobs past their retention per final state. A
 full batch brings the next pass forward, so a large backlog drains in steady small
-transactions instead of one long one.
+transactions instead of one long one. On a partitioned jobs table the same pass archives
+finished jobs into day partitions and drops the partitions whose day is over
+(partitioning.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import psycopg
 
 from pgjobs.admin import Retention
 from pgjobs.errors import DatabaseError, SchemaNotReadyError
+from pgjobs.partitioning import archive_and_drop, is_partitioned
 from pgjobs.queries import Queries
 from pgjobs.settings import events_application_name, events_channel_for
 from pgjobs.worker_db import connect_sync, local_settings
@@ -83,6 +86,7 @@ class Maintenance:
         interval: float,
         timeout: float,
         on_lost: Callable[[], None],
+        on_reconnected: Callable[[], None] = lambda: None,
         retention: Retention | None = DEFAULT_RETENTION,
         prune_interval: float = PRUNE_INTERVAL,
         prune_batch: int = PRUNE_BATCH,
@@ -94,11 +98,16 @@ class Maintenance:
         self.interval = interval
         self.timeout = timeout
         self.on_lost = on_lost
+        # Called after the heartbeat connection was lost and made again: the server may be
+        # a promoted standby now (see Worker._release_forgotten).
+        self.on_reconnected = on_reconnected
         self.rescued = 0
         self.retention = retention
         self.prune_interval = prune_interval
         self.prune_batch = prune_batch
         self.pruned = 0
+        self.archived = 0
+        self.dropped_partitions = 0
         # Read by the worker's statements: publish job events (pgjobs.events) only while
         # an events subscriber of this schema is connected; checked every heartbeat.
         self.events = False
@@ -107,6 +116,7 @@ class Maintenance:
         # Not at once: a fleet restarting together should not all try to prune on start.
         self._prune_at = time.monotonic() + prune_interval * random.uniform(0.5, 1.0)
         self._conn: psycopg.Connection[Any] | None = None
+        self._dropped = False
         # When the last heartbeat (or registration) that got through was sent (monotonic).
         self._beat_at = float("-inf")
         self._stop = threading.Event()
@@ -226,7 +236,8 @@ class Maintenance:
 
     def rescue(self, conn: psycopg.Connection[Any]) -> None:
         """Rescue the jobs of dead workers (whichever live worker gets there first)."""
-        row = conn.execute(self.queries.rescue_jobs, {"timeout": self.timeout}).fetchone()
+        params: dict[str, Any] = {"timeout": self.timeout, "worker": None, "held": []}
+        row = conn.execute(self.queries.rescue_jobs, params).fetchone()
         if row is None:
             return
         available, dead, workers = row
@@ -263,6 +274,13 @@ class Maintenance:
                 full = full or deleted == self.prune_batch
                 if deleted:
                     log.info("retention: deleted %d %s job(s) past %s", deleted, state, period)
+            if is_partitioned(conn, self.queries.schema):
+                done = archive_and_drop(
+                    conn, self.queries, self.retention.periods(), self.prune_batch
+                )
+                self.archived += done.archived
+                self.dropped_partitions += done.dropped
+                full = full or done.full
         return full
 
     def _connect(self) -> psycopg.Connection[Any]:
@@ -270,7 +288,11 @@ class Maintenance:
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
+            lost = self._dropped or self._conn is not None
             self._conn = self._connect()
+            self._dropped = False
+            if lost:
+                self.on_reconnected()
         return self._conn
 
     def _drop(self) -> None:
@@ -278,3 +300,4 @@ class Maintenance:
             with contextlib.suppress(psycopg.Error):
                 self._conn.close()
             self._conn = None
+            self._dropped = True

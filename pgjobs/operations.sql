@@ -179,7 +179,8 @@ SELECT pg_try_advisory_xact_lock(hashtext(%(key)s));
 -- set exactly for final states (CHECK jobs_finished_iff_final), so this can never reach a
 -- live job. SKIP LOCKED: a row an operator is retrying right now is left for next time.
 -- A job whose unique key is held for a period (unique_until) is kept until the period
--- ends: deleting it would free the key early and let a duplicate in.
+-- ends: deleting it would free the key early and let a duplicate in. Jobs a partitioned
+-- table archived (kept_until set) go with their partition instead (partitioning.sql).
 WITH doomed AS MATERIALIZED (
     SELECT id
     FROM {schema}.jobs
@@ -187,6 +188,7 @@ WITH doomed AS MATERIALIZED (
       AND state IN ('succeeded', 'dead', 'cancelled')
       AND finished_at < now() - make_interval(secs => %(older_than)s::float8)
       AND (unique_until IS NULL OR unique_until <= now())
+      AND kept_until = '9999-12-31 00:00+00'
     ORDER BY id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED

@@ -1,8 +1,9 @@
 """Load the named statements of pgjobs' SQL files and bind them to a schema.
 
 ``queries.sql`` holds what applications and workers run (enqueue, claim, complete, rescue);
-``operations.sql`` what operators run (listing, retrying, pruning, stats, doctor). A name
-is unique across both.
+``operations.sql`` what operators run (listing, retrying, pruning, stats, doctor);
+``dashboard.sql`` the dashboard's pages; ``partitioning.sql`` the retention pass of a
+partitioned jobs table. A name is unique across them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from psycopg import sql
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 
-SQL_FILES = ("queries.sql", "operations.sql", "dashboard.sql")
+SQL_FILES = ("queries.sql", "operations.sql", "dashboard.sql", "partitioning.sql")
 
 
 @cache
@@ -44,6 +45,18 @@ def _compact(body: str) -> str:
     return "\n".join(line for line in lines if line and not line.startswith("--"))
 
 
+# kept_until of the jobs in jobs_current, the partition of every job not archived.
+_CURRENT = "kept_until = '9999-12-31 00:00+00'"
+
+
+def _current_only(body: str, partitioned: bool) -> str:
+    """``body`` with its ``{and_current}`` conditions spelled out for a partitioned jobs
+    table, or left out (see queries.sql)."""
+    return body.replace("{and_current_j}", f" AND j.{_CURRENT}" if partitioned else "").replace(
+        "{and_current}", f" AND {_CURRENT}" if partitioned else ""
+    )
+
+
 class Queries:
     """The statements of ``queries.sql`` with ``{schema}`` bound to one schema.
 
@@ -52,11 +65,16 @@ class Queries:
     that executing it composes nothing.
     """
 
-    def __init__(self, schema: str) -> None:
+    def __init__(self, schema: str, *, partitioned: bool = False) -> None:
         self.schema = schema
+        self.partitioned = partitioned
         ident = sql.Identifier(schema)
         self._bound = {
-            name: sql.SQL(sql.SQL(_compact(body)).format(schema=ident).as_string(None))
+            name: sql.SQL(
+                sql.SQL(_current_only(_compact(body), partitioned))
+                .format(schema=ident)
+                .as_string(None)
+            )
             for name, body in _raw().items()
         }
 

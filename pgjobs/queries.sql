@@ -3,6 +3,12 @@
 -- Each block starts with `-- name: <query>`. `{schema}` is replaced by the quoted schema
 -- identifier (psycopg.sql.Identifier); values are always bound parameters (%(name)s).
 -- Literal braces are doubled ({{}}) and literal percent signs too (%%).
+-- `{and_current_j}` / `{and_current}` are empty, or, for the workers of a partitioned jobs
+-- table, ` AND j.kept_until = '9999-12-31 00:00+00'` (without `j.`): the statement then
+-- reads the partition jobs_current alone (partitioning.py). On a plain table the
+-- condition is true of every row, but the planner, before the table's first ANALYZE,
+-- guesses it keeps one row in 200 and trades the primary-key probes of finish_jobs for a
+-- scan of every running row; so a plain table's statements do without it.
 --
 -- States: scheduled (run_at in the future), available, running, retryable (waiting out a
 -- backoff), pending (waiting for other jobs); final: succeeded, dead, cancelled.
@@ -40,8 +46,8 @@ inserted AS (
            priority, max_attempts, run_at, unique_key, unique_until, limit_key, meta
     FROM input
     ORDER BY unique_key, ord
-    ON CONFLICT (unique_key)
-        WHERE unique_key IS NOT NULL
+    ON CONFLICT (unique_key, kept_until)
+        WHERE unique_key IS NOT NULL AND kept_until = '9999-12-31 00:00+00'
           AND (state IN ('scheduled', 'available', 'running', 'retryable', 'pending')
                OR unique_until IS NOT NULL)
         DO NOTHING
@@ -81,8 +87,8 @@ WITH inserted AS (
            %(unique_until)s::timestamptz, %(limit_key)s::text, %(meta)s::jsonb
     FROM (SELECT coalesce(%(run_at)s::timestamptz,
                           now() + make_interval(secs => %(delay)s::float8)) AS run_at) AS r
-    ON CONFLICT (unique_key)
-        WHERE unique_key IS NOT NULL
+    ON CONFLICT (unique_key, kept_until)
+        WHERE unique_key IS NOT NULL AND kept_until = '9999-12-31 00:00+00'
           AND (state IN ('scheduled', 'available', 'running', 'retryable', 'pending')
                OR unique_until IS NOT NULL)
         DO NOTHING
@@ -200,8 +206,8 @@ inserted AS (
     FROM planned
     WHERE (SELECT cardinality(ids) FROM missing) = 0
     ORDER BY unique_key, ord
-    ON CONFLICT (unique_key)
-        WHERE unique_key IS NOT NULL
+    ON CONFLICT (unique_key, kept_until)
+        WHERE unique_key IS NOT NULL AND kept_until = '9999-12-31 00:00+00'
           AND (state IN ('scheduled', 'available', 'running', 'retryable', 'pending')
                OR unique_until IS NOT NULL)
         DO NOTHING
@@ -241,7 +247,7 @@ ORDER BY 1;
 -- The live job holding each unique key (the one a duplicate enqueue resolves to).
 SELECT unique_key, id
 FROM {schema}.jobs
-WHERE unique_key = ANY(%(keys)b::text[])
+WHERE unique_key = ANY(%(keys)b::text[]) AND kept_until = '9999-12-31 00:00+00'
   AND (state IN ('scheduled', 'available', 'running', 'retryable', 'pending')
        OR unique_until IS NOT NULL);
 
@@ -308,6 +314,7 @@ candidates AS MATERIALIZED (
           AND j.state IN ('available', 'scheduled', 'retryable')
           AND j.run_at <= now()
           AND j.attempts < j.max_attempts
+         {and_current_j}
         ORDER BY j.priority, j.run_at, j.id
         LIMIT %(limit)s
         FOR NO KEY UPDATE OF j SKIP LOCKED
@@ -331,7 +338,7 @@ claimed AS (
         lease_token = gen_random_uuid(),
         started_at = CASE WHEN %(start)s::int >= %(limit)s::int
                                 OR j.id = ANY (ARRAY(SELECT id FROM starting)) THEN now() END
-    WHERE j.id = ANY (ARRAY(SELECT id FROM candidates))
+    WHERE j.id = ANY (ARRAY(SELECT id FROM candidates)){and_current_j}
     RETURNING j.id, j.queue, j.task, j.args, j.priority, j.run_at, j.attempts,
               j.max_attempts, j.lease_token, j.started_at IS NOT NULL AS started
 ),
@@ -356,7 +363,7 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
             SELECT j.run_at
             FROM {schema}.jobs AS j
             WHERE j.queue = q.name AND j.state IN ('scheduled', 'retryable')
-              AND j.attempts < j.max_attempts
+              AND j.attempts < j.max_attempts{and_current_j}
               AND j.id NOT IN (SELECT id FROM candidates)
             ORDER BY j.run_at
             LIMIT 1
@@ -411,7 +418,7 @@ running AS MATERIALIZED (
     SELECT l.name AS queue, CASE WHEN l.limit_per_key THEN j.limit_key END AS part,
            count(*) AS n
     FROM limits AS l
-    JOIN {schema}.jobs AS j ON j.queue = l.name AND j.state = 'running'
+    JOIN {schema}.jobs AS j ON j.queue = l.name AND j.state = 'running'{and_current_j}
     WHERE l.concurrency_limit IS NOT NULL
     GROUP BY 1, 2
 ),
@@ -448,7 +455,7 @@ candidates AS MATERIALIZED (
         WHERE j.queue = l.name
           AND j.state IN ('available', 'scheduled', 'retryable')
           AND j.run_at <= statement_timestamp()
-          AND j.attempts < j.max_attempts
+          AND j.attempts < j.max_attempts{and_current_j}
           AND NOT (l.limit_per_key AND EXISTS (
               SELECT 1 FROM room AS f
               WHERE f.queue = l.name AND f.room <= 0
@@ -490,7 +497,7 @@ claimed AS (
         started_at = CASE WHEN %(start)s::int >= %(limit)s::int
                                 OR j.id = ANY (ARRAY(SELECT id FROM starting))
                           THEN statement_timestamp() END
-    WHERE j.id = ANY (ARRAY(SELECT id FROM chosen))
+    WHERE j.id = ANY (ARRAY(SELECT id FROM chosen)){and_current_j}
     RETURNING j.id, j.queue, j.task, j.args, j.priority, j.run_at, j.attempts,
               j.max_attempts, j.lease_token, j.limit_key, j.started_at IS NOT NULL AS started
 ),
@@ -529,7 +536,7 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
                 SELECT j.run_at
                 FROM {schema}.jobs AS j
                 WHERE j.queue = q.name AND j.state IN ('scheduled', 'retryable')
-                  AND j.attempts < j.max_attempts
+                  AND j.attempts < j.max_attempts{and_current_j}
                   AND j.id NOT IN (SELECT id FROM candidates)
                 ORDER BY j.run_at
                 LIMIT 1
@@ -551,7 +558,7 @@ UPDATE {schema}.jobs AS j
 SET attempts = j.attempts + CASE WHEN j.started_at IS NULL THEN 1 ELSE 0 END,
     started_at = coalesce(j.started_at, now())
 FROM unnest(%(id)b::bigint[], %(lease_token)b::uuid[]) AS s(id, lease_token)
-WHERE j.id = s.id AND j.lease_token = s.lease_token AND j.state = 'running'
+WHERE j.id = s.id AND j.lease_token = s.lease_token AND j.state = 'running'{and_current_j}
 RETURNING j.id, j.attempts;
 
 
@@ -593,6 +600,7 @@ finished AS (
         lease_token = NULL
     FROM outcome AS o
     WHERE j.id = o.id AND j.lease_token = o.lease_token AND j.state = 'running'
+     {and_current_j}
     RETURNING j.id, o.state, j.queue, j.task, j.attempts + o.refund AS attempt,
               CASE WHEN o.state IN ('succeeded', 'dead', 'cancelled') THEN o.state
                    WHEN o.error IS NULL AND o.refund > 0 THEN 'snoozed'
@@ -644,6 +652,7 @@ WITH updated AS (
     UPDATE {schema}.jobs
     SET progress = %(progress)s::jsonb
     WHERE id = %(id)s AND lease_token = %(lease_token)s AND state = 'running'
+      {and_current}
     RETURNING id, queue, task, attempts, progress
 ),
 notified AS (
@@ -663,7 +672,7 @@ SELECT j.id
 FROM {schema}.jobs AS j
 JOIN unnest(%(id)b::bigint[], %(lease_token)b::uuid[]) AS h(id, lease_token)
   ON h.id = j.id AND h.lease_token = j.lease_token
-WHERE j.id = ANY (%(id)b::bigint[]) AND j.state = 'running';
+WHERE j.id = ANY (%(id)b::bigint[]) AND j.state = 'running'{and_current_j};
 
 
 -- name: queues_busy
@@ -677,7 +686,7 @@ SELECT EXISTS (
                WHERE j.queue = q.name
                  AND j.state IN ('available', 'scheduled', 'retryable')
                  AND j.run_at <= now()
-                 AND j.attempts < j.max_attempts
+                 AND j.attempts < j.max_attempts{and_current_j}
                LIMIT 1
            ) AS r
            WHERE NOT EXISTS (SELECT 1 FROM {schema}.queues AS p
@@ -686,6 +695,7 @@ SELECT EXISTS (
        OR EXISTS (
            SELECT 1 FROM {schema}.jobs
            WHERE state = 'running' AND queue = ANY(%(queues)b::text[])
+             {and_current}
        );
 
 
@@ -717,6 +727,10 @@ DELETE FROM {schema}.workers WHERE id = %(id)s;
 -- live workers running this at the same time split the work instead of waiting on each
 -- other, and a worker heartbeating right now (row locked) is never declared dead.
 -- A job sent to dead settles the jobs waiting for it, as in finish_jobs.
+-- A worker also passes its own id and every lease it holds (%(worker)s, %(held)s; NULL
+-- and none otherwise) once it reconnected after losing its connections: after a failover
+-- to a standby that had its claims but not all its outcomes, jobs it finished are
+-- `running` under its id again, and nobody else would ever rescue them.
 WITH expired AS MATERIALIZED (
     SELECT w.id
     FROM {schema}.workers AS w
@@ -727,9 +741,11 @@ WITH expired AS MATERIALIZED (
 orphans AS MATERIALIZED (
     SELECT j.id
     FROM {schema}.jobs AS j
-    WHERE j.state = 'running'
+    WHERE j.state = 'running'{and_current_j}
       AND (j.worker IN (SELECT id FROM expired)
-           OR NOT EXISTS (SELECT 1 FROM {schema}.workers AS w WHERE w.id = j.worker))
+           OR NOT EXISTS (SELECT 1 FROM {schema}.workers AS w WHERE w.id = j.worker)
+           OR (j.worker = %(worker)s::text
+               AND j.lease_token <> ALL (%(held)s::uuid[])))
     ORDER BY j.id
     FOR NO KEY UPDATE OF j SKIP LOCKED
 ),
@@ -748,12 +764,16 @@ rescued AS (
                           'attempt', j.attempts,
                           'at', now(),
                           'type', 'WorkerDied',
-                          'message', format('worker %%s died (no heartbeat for %%s s) '
-                                            'while running the job', j.worker, %(timeout)s),
+                          'message', CASE WHEN j.worker = %(worker)s::text
+                              THEN format('worker %%s no longer holds the job: its outcome '
+                                          'was lost (a failover?)', j.worker)
+                              ELSE format('worker %%s died (no heartbeat for %%s s) '
+                                          'while running the job', j.worker, %(timeout)s)
+                              END,
                           'traceback', NULL,
                           'worker', j.worker)) END
     FROM orphans
-    WHERE j.id = orphans.id AND j.state = 'running'
+    WHERE j.id = orphans.id AND j.state = 'running'{and_current_j}
     RETURNING j.id, j.state, j.dependents
 ),
 settled AS (
@@ -836,8 +856,8 @@ inserted AS (
            i.meta
     FROM input AS i
     ORDER BY i.ord
-    ON CONFLICT (unique_key)
-        WHERE unique_key IS NOT NULL
+    ON CONFLICT (unique_key, kept_until)
+        WHERE unique_key IS NOT NULL AND kept_until = '9999-12-31 00:00+00'
           AND (state IN ('scheduled', 'available', 'running', 'retryable', 'pending')
                OR unique_until IS NOT NULL)
         DO NOTHING

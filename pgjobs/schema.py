@@ -74,6 +74,16 @@ jobs = Table(
     Column("waiting_for", ARRAY(BigInteger)),
     Column("dependents", ARRAY(BigInteger)),
     Column("on_parent_failure", Text),
+    # 9999-12-31 00:00 UTC unless a partitioned jobs table archived this finished job (migration
+    # pgjobs_0006, pgjobs/partitioning.py).
+    Column(
+        "kept_until",
+        DateTime(timezone=True),
+        nullable=False,
+        server_default=text("'9999-12-31 00:00+00'"),
+        comment="9999-12-31 unless a partitioned jobs table archived this finished job: then the "
+        "day partition holding it is dropped once kept_until has passed",
+    ),
     CheckConstraint(_queue_name_rule("queue"), name="jobs_queue_name"),
     CheckConstraint("length(task) BETWEEN 1 AND 255", name="jobs_task_name"),
     CheckConstraint("priority BETWEEN -100 AND 100", name="jobs_priority_range"),
@@ -102,6 +112,10 @@ jobs = Table(
         "state <> 'pending' OR cardinality(waiting_for) > 0", name="jobs_pending_waits"
     ),
     CheckConstraint("octet_length(limit_key) <= 1024", name="jobs_limit_key_length"),
+    CheckConstraint(
+        "kept_until = '9999-12-31 00:00+00' OR finished_at IS NOT NULL",
+        name="jobs_kept_until_finished",
+    ),
 )
 
 Index(
@@ -121,8 +135,12 @@ Index(
 Index(
     "jobs_unique_key_idx",
     jobs.c.unique_key,
+    jobs.c.kept_until,
     unique=True,
-    postgresql_where=text(f"unique_key IS NOT NULL AND ({_LIVE} OR unique_until IS NOT NULL)"),
+    postgresql_where=text(
+        "unique_key IS NOT NULL AND kept_until = '9999-12-31 00:00+00'"
+        f" AND ({_LIVE} OR unique_until IS NOT NULL)"
+    ),
 )
 Index(
     "jobs_running_idx",

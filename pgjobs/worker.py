@@ -51,10 +51,12 @@ from pgjobs.completions import Completions
 from pgjobs.context import JobContext
 from pgjobs.cron import Scheduler
 from pgjobs.database import behind_pooler_async
-from pgjobs.errors import ConfigurationError, DatabaseError, SchemaNotReadyError
+from pgjobs.errors import ConfigurationError, DatabaseError, SchemaNotReadyError, one_line
 from pgjobs.execution import ClaimedJob, Executor, error_entry, handed_back
 from pgjobs.listener import Listener
 from pgjobs.maintenance import DEFAULT_RETENTION, PRUNE_INTERVAL, Maintenance, Registration
+from pgjobs.partitioning import is_partitioned_async
+from pgjobs.queries import Queries
 from pgjobs.settings import control_channel_for, events_channel_for, validate_queue
 from pgjobs.worker_db import connect_async, is_pooled, local_settings_async
 
@@ -213,6 +215,8 @@ class Worker:
         self._background: set[asyncio.Task[None]] = set()
         # Writes of start_jobs in flight (prefetched jobs about to start).
         self._starting: set[asyncio.Task[None]] = set()
+        # Prefetched jobs between the buffer and their start (start_jobs in flight).
+        self._being_started: dict[int, ClaimedJob] = {}
         self._due_at: float | None = None
         self._next_due: float | None = None
         self._next_due_known = False
@@ -232,6 +236,8 @@ class Worker:
         self._debug = False
         # Claims held back: no heartbeat got through for too long (see _counted_alive).
         self._claims_held = False
+        # Set (from the heartbeat thread) once the heartbeat connection was made again.
+        self._forgotten_check_due = False
 
     # -- public --------------------------------------------------------------------------
 
@@ -298,6 +304,7 @@ class Worker:
             interval=self.heartbeat_interval,
             timeout=self.heartbeat_timeout,
             on_lost=self._lost_registration,
+            on_reconnected=self._reconnected,
             retention=self.retention,
             prune_interval=self.prune_interval,
             on_dead_alert=self.app._dead_alert,
@@ -315,6 +322,8 @@ class Worker:
                 raise outcome
         if isinstance(conn, psycopg.AsyncConnection) and is_pooled(conn):
             await _check_isolation(conn)
+        if isinstance(conn, psycopg.AsyncConnection):
+            await self._read_partitioned_table(conn)
         if self.app.periodics and not self.burst:
             # Periodic jobs: every worker schedules them (on a thread; see pgjobs.cron).
             notify = getattr(self.app.writer, "notify", True)
@@ -350,6 +359,19 @@ class Worker:
             ", ".join(f"{name} {n}" for name, n in budget.items()),
             self.app.pool_size,
         )
+
+    async def _read_partitioned_table(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """On a partitioned jobs table, this worker's statements name the partition of the
+        jobs not archived, so that they read nothing else (see queries.sql). A table
+        partitioned while the worker runs is read whole until it restarts: correct, only
+        slower."""
+        if self.app.queries.partitioned or not await is_partitioned_async(conn, self.app.schema):
+            return
+        queries = Queries(self.app.schema, partitioned=True)
+        self.app.queries = queries
+        assert self._maintenance is not None
+        self._maintenance.queries = queries
+        log.info("the jobs table is partitioned: this worker reads its partition jobs_current")
 
     def connections(self) -> dict[str, int]:
         """The database connections this worker holds while it runs, by duty (the app's
@@ -509,6 +531,8 @@ class Worker:
             if not self._counted_alive():
                 await self._wait_for_heartbeat()
                 continue
+            if self._forgotten_check_due:
+                await self._release_forgotten()
             claimed = short = 0
             for group in self._groups:
                 assert self._claiming is not None
@@ -686,8 +710,8 @@ class Worker:
             log.info("queues with global limits: %s", ",".join(sorted(limited)) or "none")
             self._limited = limited
 
-    async def _claim_failed(self, exc: BaseException) -> None:
-        log.warning("claim failed, retrying: %s", " ".join(str(exc).split()))
+    async def _claim_failed(self, exc: BaseException, what: str = "claim") -> None:
+        log.warning("%s failed, retrying: %s", what, one_line(exc))
         if self._conn is not None:
             with contextlib.suppress(psycopg.Error):
                 await self._conn.close()
@@ -803,6 +827,7 @@ class Worker:
                 else:
                     prefetched.append(job)  # its slot is held while its start is written
             if prefetched:
+                self._being_started.update((job.id, job) for job in prefetched)
                 task = asyncio.ensure_future(self._start_prefetched(group, prefetched))
                 self._starting.add(task)
                 task.add_done_callback(self._starting.discard)
@@ -829,6 +854,8 @@ class Worker:
             await self._claim_failed(exc)
             attempts = None
         group.running -= len(jobs)
+        for job in jobs:
+            self._being_started.pop(job.id, None)
         if attempts is None:  # unknown: back to the buffer, to be tried again
             group.buffer.extendleft(reversed(jobs))
         else:
@@ -940,6 +967,52 @@ class Worker:
         task = self._loop.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    # -- reconnected: jobs finished here that the server forgot ---------------------------
+
+    def _reconnected(self) -> None:
+        """Called from the heartbeat thread when its connection was lost and made again."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._forgotten_check)
+
+    def _forgotten_check(self) -> None:
+        self._forgotten_check_due = True
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _release_forgotten(self) -> None:
+        """After a failover to a standby that had this worker's claims but not all its
+        outcomes, jobs it finished are ``running`` under its id again, and no peer rescues
+        the jobs of a live worker: give back every running job of this worker whose lease
+        it does not hold (rescue_jobs). Between claims, so that every lease claimed so far
+        is known; outcomes not yet written count as held."""
+        assert self._claiming is not None and self._completions is not None
+        async with self._claiming:
+            held = [r.job.lease_token for r in self._running.values()]
+            held += [j.lease_token for g in self._groups for j in g.buffer]
+            held += [j.lease_token for j in self._being_started.values()]
+            held += self._completions.unwritten_leases()
+            params = {"timeout": self.heartbeat_timeout, "worker": self.id, "held": held}
+            try:
+                conn = await self._connection()
+                cur = await conn.execute(self.app.queries.rescue_jobs, params)
+                row = await cur.fetchone()
+            except (psycopg.Error, DatabaseError) as exc:
+                # The claim connection died with the server too: a new one, and again soon.
+                await self._claim_failed(exc, "the check for jobs the server forgot")
+                assert self._wake is not None
+                self._wake.set()
+                return
+            self._forgotten_check_due = False
+        if row is not None and row[0] + row[1]:
+            # Nobody is notified of jobs given back: claim them now, not at the next poll.
+            self._all_dirty()
+            log.warning(
+                "after reconnecting: %d job(s) this worker had finished were running again "
+                "on the server (their outcomes were lost, as in a failover): given back",
+                row[0] + row[1],
+            )
 
     # -- lost registration ---------------------------------------------------------------
 

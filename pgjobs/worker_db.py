@@ -73,18 +73,11 @@ def worker_conninfo(
     with ``LockNotAvailable``. ``pooled``: the URL goes through a transaction pooler, which
     takes no session settings."""
     params = conninfo_to_dict(url)
-    params.update(
-        application_name=name,
-        keepalives=1,
-        keepalives_idle=10,
-        keepalives_interval=5,
-        keepalives_count=3,
-        # Keepalives only probe an idle connection: one with a statement unacknowledged
-        # (a network cut mid-heartbeat) would wait out TCP's retransmissions, ~15 min, and
-        # up to 2 min more once the network is back.
-        tcp_user_timeout=25_000,
-    )
-    params.setdefault("connect_timeout", database.CONNECT_TIMEOUT)
+    # Keepalives only probe an idle connection: one with a statement unacknowledged (a
+    # network cut mid-heartbeat) would wait out TCP's retransmissions, ~15 min, and up to
+    # 2 min more once the network is back; hence tcp_user_timeout too. The URL may tune
+    # them (a failover manager's own figures).
+    params.update(database.connection_defaults(url), application_name=name)
     if pooled:
         return make_conninfo("", **params)
     options = str(params.get("options") or "")

@@ -6,6 +6,9 @@ temporary directory. ``PGJOBS_TEST_DATABASE_URL`` points the suite at another se
 (any database on it; the suite creates and drops its own), e.g.
 ``PGJOBS_TEST_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres``.
 
+``PGJOBS_TEST_PARTITIONED=1`` runs it on partitioned jobs tables (``pgjobs migrate
+partition`` applied to the template).
+
 ``PGJOBS_TEST_PGBOUNCER=1`` runs the suite through PgBouncer in transaction mode (Debian's
 ``pgbouncer``, started for the session in front of the server): every test's database URL
 goes through it, and ``PGJOBS_LISTEN_URL`` gives pgjobs the direct URL for LISTEN. The
@@ -37,6 +40,8 @@ from pgjobs import migrate
 from pgjobs.settings import LISTEN_URL_ENV
 
 TEST_URL_ENV = "PGJOBS_TEST_DATABASE_URL"
+# PGJOBS_TEST_PARTITIONED=1: every test database has a partitioned jobs table.
+SUITE_PARTITIONED = os.environ.get("PGJOBS_TEST_PARTITIONED", "") not in ("", "0")
 
 
 @dataclass
@@ -159,9 +164,12 @@ def _tests_connect_without_preparing() -> None:
 def _load_schema(
     host: str, port: int, user: str, dbname: str, password: str | None, **_: Any
 ) -> None:
-    migrate.upgrade(
-        make_conninfo(host=host, port=port, user=user, password=password or None, dbname=dbname)
-    )
+    url = make_conninfo(host=host, port=port, user=user, password=password or None, dbname=dbname)
+    migrate.upgrade(url)
+    if SUITE_PARTITIONED:
+        from pgjobs import partitioning
+
+        partitioning.partition(url, "pgjobs")
 
 
 pgjobs_template = factories.postgresql_noproc(

@@ -17,6 +17,7 @@ run of an earlier process left behind.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import shutil
@@ -25,8 +26,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 _PREFIX = "pgjobs"
-# pgjobs<pid>h<i>: namespace names are free, but interface names end at 15 characters.
-_NETNS = re.compile(rf"^{_PREFIX}(\d+)h\d+$")
+# pgjobs<pid>n<seq>h<i>: namespace names are free, but interface names end at 15
+# characters. <seq> counts the networks of one test process: a namespace outlives its
+# deletion while a process is still inside (a server stopping), and the next network's
+# names must not collide with what is left of it.
+_NETNS = re.compile(rf"^{_PREFIX}(\d+)(?:n\d+)?h\d+$")
+_made = itertools.count(1)
 
 
 def unavailable() -> str | None:
@@ -54,7 +59,7 @@ def remove_leftovers() -> None:
             _ip("netns", "del", name, check=False)
     links = subprocess.run(["ip", "-o", "link", "show", "type", "bridge"],
                            capture_output=True, text=True).stdout  # fmt: skip
-    for match in re.finditer(rf"^\d+: ({_PREFIX[:2]}(\d+)br)[:@]", links, re.MULTILINE):
+    for match in re.finditer(rf"^\d+: ({_PREFIX[:2]}(\d+)(?:n\d+)?br)[:@]", links, re.MULTILINE):
         if not _alive(int(match.group(2))):
             _ip("link", "del", match.group(1), check=False)
 
@@ -122,18 +127,19 @@ class Network:
 @contextlib.contextmanager
 def network(count: int) -> Iterator[Network]:
     """A bridge and ``count`` hosts on it (hostnames host1…), all removed afterwards."""
-    pid = os.getpid()
-    # 198.18.0.0/15 holds 512 /24s: one per test process, by pid.
-    block = pid % 512
+    pid, seq = os.getpid(), next(_made)
+    # 198.18.0.0/15 holds 512 /24s: one per network, by test process and sequence.
+    block = (pid + 131 * seq) % 512
     subnet = f"198.{18 + block // 256}.{block % 256}"
-    net = Network(f"{_PREFIX}{pid}", subnet, f"{_PREFIX[:2]}{pid}br", f"{subnet}.1")
+    short = f"{_PREFIX[:2]}{pid}n{seq}"
+    net = Network(f"{_PREFIX}{pid}n{seq}", subnet, f"{short}br", f"{subnet}.1")
     try:
         _ip("link", "add", net.bridge, "type", "bridge", "forward_delay", "0")
         _ip("addr", "add", f"{net.address}/24", "dev", net.bridge)
         _ip("link", "set", net.bridge, "up")
         for i in range(1, count + 1):
             host = Host(i, f"{net.tag}h{i}", f"host{i}", f"{subnet}.{10 + i}",
-                        f"{_PREFIX[:2]}{pid}v{i}")  # fmt: skip
+                        f"{short}v{i}")  # fmt: skip
             _ip("netns", "add", host.netns)
             net.hosts.append(host)
             _ip("link", "add", host.link, "type", "veth", "peer", "name", "eth0",

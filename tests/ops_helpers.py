@@ -5,10 +5,12 @@ address of a server that is not there, for the checks that must fail to connect.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from typing import Any
 
 import psycopg
+import pytest
 
 FINAL = {"succeeded", "dead", "cancelled"}
 CLOSED_PORT_URL = "postgresql://postgres@127.0.0.1:1/nowhere"
@@ -120,3 +122,17 @@ def server_pid(conn: psycopg.Connection[Any]) -> int:
     row = conn.execute("SELECT pg_backend_pid()").fetchone()
     assert row is not None
     return int(row[0])
+
+
+def pruned(result: dict[str, Any]) -> dict[str, int]:
+    """What a prune deleted per final state (a partitioned table also reports what it
+    archived and the partitions it dropped)."""
+    return {state: result[state] for state in ("succeeded", "cancelled", "dead")}
+
+
+# Tests that compare a database with what the migrations make skip when the suite runs on
+# partitioned jobs tables (PGJOBS_TEST_PARTITIONED=1, see conftest.py).
+plain_table_only = pytest.mark.skipif(
+    os.environ.get("PGJOBS_TEST_PARTITIONED", "") not in ("", "0"),
+    reason="compares with the plain jobs table the migrations make",
+)

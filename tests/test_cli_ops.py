@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from ops_helpers import add_job, add_worker, state_of
+from ops_helpers import add_job, add_worker, pruned, state_of
 from typer.testing import CliRunner
 
 from pgjobs.cli import cli
@@ -213,10 +213,16 @@ def test_prune(db_url: str, conn: psycopg.Connection[Any]) -> None:
     new_ok = add_job(conn, state="succeeded", finished_ago=60)
     old_dead = add_job(conn, state="dead", finished_ago=30 * 86_400)
     live = add_job(conn, state="available", run_at_ago=30 * 86_400)
-    assert as_json(db_url, "prune") == {"succeeded": 0, "cancelled": 0, "dead": 0}
+    assert pruned(as_json(db_url, "prune")) == {"succeeded": 0, "cancelled": 0, "dead": 0}
     out = as_json(db_url, "prune", "--succeeded", "1h", "--batch-size", "1")
-    assert out == {"succeeded": 1, "cancelled": 0, "dead": 0}
-    assert (state_of(conn, old_ok), state_of(conn, new_ok)) == (None, "succeeded")
+    if "archived" in out:
+        # A partitioned table: the first prune archived both into their day partition,
+        # which keeps them until the retention they were archived with is over.
+        assert pruned(out) == {"succeeded": 0, "cancelled": 0, "dead": 0}
+        assert (state_of(conn, old_ok), state_of(conn, new_ok)) == ("succeeded", "succeeded")
+    else:
+        assert pruned(out) == {"succeeded": 1, "cancelled": 0, "dead": 0}
+        assert (state_of(conn, old_ok), state_of(conn, new_ok)) == (None, "succeeded")
     assert "1 dead" in pgjobs(db_url, "prune", "--dead", "7d").stdout
     assert (state_of(conn, old_dead), state_of(conn, live)) == (None, "available")
     assert "--succeeded: invalid duration" in fails(db_url, "prune", "--succeeded", "1 day")

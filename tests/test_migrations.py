@@ -19,7 +19,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from ops_helpers import CLOSED_PORT_URL
+from ops_helpers import CLOSED_PORT_URL, plain_table_only
 from typer.testing import CliRunner
 
 import pgjobs
@@ -147,6 +147,7 @@ def test_migrating_a_database_that_is_down_fails_with_one_line() -> None:
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+@plain_table_only
 def test_migrate_sql_needs_no_database_and_matches_upgrade(empty_db_url: str, db_url: str) -> None:
     # A closed port: any attempt to connect would fail the command.
     up = cli("migrate", "sql", database_url=CLOSED_PORT_URL)
@@ -176,6 +177,7 @@ def test_migrate_current(db_url: str, empty_db_url: str) -> None:
     assert out == f"not installed (newest: {head})"
 
 
+@plain_table_only
 def test_custom_schema_coexists_with_the_default(
     db_url: str, conn: psycopg.Connection[Any]
 ) -> None:
@@ -218,6 +220,7 @@ def test_downgrade_keeps_a_schema_the_application_also_uses(empty_db_url: str) -
     assert rows == [("app_table",)]
 
 
+@plain_table_only
 def test_sqlalchemy_metadata_matches_the_migrated_database(db_url: str) -> None:
     def include_name(name: str | None, type_: str, parent_names: Any) -> bool:
         if type_ == "schema":

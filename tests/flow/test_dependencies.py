@@ -184,7 +184,9 @@ def test_a_rescued_parent_that_goes_dead_settles_its_children(
     parent = step.enqueue(n=1, max_attempts=1)
     child = step.enqueue(n=2, depends_on=[parent])
     start(conn, [parent], worker="gone")  # a worker whose row is gone: rescued
-    available, dead, _ = conn.execute(Q.rescue_jobs, {"timeout": 30}).fetchone()  # type: ignore[misc]
+    available, dead, _ = conn.execute(
+        Q.rescue_jobs, {"timeout": 30, "worker": None, "held": []}
+    ).fetchone()  # type: ignore[misc]
     assert (available, dead) == (0, 1)
     assert states(conn, [parent, child]) == ["dead", "dead"]
     assert errors_of(conn, child)[0]["parent"] == parent

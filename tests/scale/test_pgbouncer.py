@@ -193,7 +193,11 @@ def test_a_worker_states_its_connection_budget_and_holds_no_more(
     # Direct this time: the server's own view of the worker's sessions is exact.
     workers.url = direct_db_url
     proc = workers.start(concurrency=4)
-    match = re.search(r"holds (\d+) database connection\(s\): (.*?);", proc.log())
+    # The budget is logged once the worker has opened what it holds, which may come after
+    # the listener says it listens.
+    budget = re.compile(r"holds (\d+) database connection\(s\): (.*?);")
+    wait_until(lambda: budget.search(proc.log()) is not None, 10, "the budget line")
+    match = budget.search(proc.log())
     assert match, proc.log()
     assert match.group(2) == "claim 1, listen 1, completion 1, maintenance 1, scheduler 0"
     stated = int(match.group(1))

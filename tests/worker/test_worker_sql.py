@@ -131,7 +131,11 @@ def test_a_stale_lease_changes_nothing(
     (old,) = _claim(conn, 1, ["q"], worker="zombie")
     old_token = old[-1]
     # The zombie's heartbeat expired: its job is rescued, then claimed again by another.
-    assert conn.execute(Q.rescue_jobs, {"timeout": 30}).fetchone() == (1, 0, 1)
+    assert conn.execute(Q.rescue_jobs, {"timeout": 30, "worker": None, "held": []}).fetchone() == (
+        1,
+        0,
+        1,
+    )
     (new,) = _claim(conn, 1, ["q"], worker="healthy")
     assert new[0] == job_id and new[-1] != old_token and new[6] == 2
     # Every write of the zombie is fenced: progress, success, failure.
@@ -166,7 +170,11 @@ def test_rescue_spares_live_workers_and_buries_jobs_out_of_attempts(
     _register(conn, "gone", age=10)
     assert _claim(conn, 1, ["q"], worker="alive")[0][0] == live_job
     assert {r[0] for r in _claim(conn, 2, ["q"], worker="gone")} == {dead_job, last_chance}
-    assert conn.execute(Q.rescue_jobs, {"timeout": 5}).fetchone() == (1, 1, 1)
+    assert conn.execute(Q.rescue_jobs, {"timeout": 5, "worker": None, "held": []}).fetchone() == (
+        1,
+        1,
+        1,
+    )
     states = dict(conn.execute("SELECT id, state FROM pgjobs.jobs").fetchall())
     assert states == {live_job: "running", dead_job: "available", last_chance: "dead"}
     errors = conn.execute(
@@ -175,7 +183,11 @@ def test_rescue_spares_live_workers_and_buries_jobs_out_of_attempts(
     assert errors[0]["type"] == "WorkerDied" and "gone" in errors[0]["message"]
     # A running job whose worker row vanished is rescued too.
     conn.execute("DELETE FROM pgjobs.workers WHERE id = 'alive'")
-    assert conn.execute(Q.rescue_jobs, {"timeout": 5}).fetchone() == (1, 0, 0)
+    assert conn.execute(Q.rescue_jobs, {"timeout": 5, "worker": None, "held": []}).fetchone() == (
+        1,
+        0,
+        0,
+    )
 
 
 async def test_one_batch_writes_every_kind_of_outcome_to_its_own_row(
@@ -220,3 +232,31 @@ async def test_one_batch_writes_every_kind_of_outcome_to_its_own_row(
         (ids[4], "scheduled", None, 0, 0, True),
         (ids[5], "succeeded", None, 1, 0, False),
     ]
+
+
+def test_a_live_worker_gives_back_the_running_jobs_it_does_not_hold(
+    conn: psycopg.Connection[Any], jobs: pgjobs.Task[Any, Any]
+) -> None:
+    # After a failover to a standby that had its claims but not all its outcomes, a live
+    # worker's finished jobs are running again under its id: it names the leases it holds,
+    # and every other job of its own goes back (and nobody else's).
+    ids = [jobs.enqueue() for _ in range(4)]
+    _register(conn, "w1")
+    _register(conn, "w2")
+    mine = _claim(conn, 3, ["q"], worker="w1")
+    (theirs,) = _claim(conn, 1, ["q"], worker="w2")
+    held = [mine[0][-1]]
+    params = {"timeout": 30, "worker": "w1", "held": held}
+    assert conn.execute(Q.rescue_jobs, params).fetchone() == (2, 0, 0)
+    states = dict(conn.execute("SELECT id, state::text FROM pgjobs.jobs").fetchall())
+    assert states == {mine[0][0]: "running", mine[1][0]: "available",
+                      mine[2][0]: "available", theirs[0]: "running"}  # fmt: skip
+    assert sorted(states) == sorted(ids)
+    errors = conn.execute("SELECT errors FROM pgjobs.jobs WHERE id = %s", (mine[1][0],))
+    (history,) = errors.fetchone() or ([],)
+    assert [e["type"] for e in history] == ["WorkerDied"]
+    assert "no longer holds the job: its outcome was lost" in history[0]["message"]
+    # Nothing held: every running job of w1 goes back; w2's stays.
+    assert conn.execute(Q.rescue_jobs, {**params, "held": []}).fetchone() == (1, 0, 0)
+    running = conn.execute("SELECT id FROM pgjobs.jobs WHERE state = 'running'").fetchall()
+    assert running == [(theirs[0],)]
