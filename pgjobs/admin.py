@@ -33,6 +33,7 @@ from pgjobs.errors import (
     DatabaseError,
     JobNotFoundError,
     PgJobsError,
+    database_errors,
     transient_pause,
 )
 from pgjobs.job import FINAL_STATES, Job, JobState
@@ -139,7 +140,7 @@ class Admin:
         with (
             self.app.pool.connection() as conn,
             schema_errors(self.app.schema),
-            _database_errors(),
+            database_errors(),
             conn.cursor(row_factory=dict_row) as cur,
         ):
             yield cur
@@ -358,7 +359,7 @@ class Admin:
 
         total = {"archived": 0, "dropped_partitions": 0}
         while True:
-            with self.app.pool.connection() as conn, _database_errors(), conn.transaction():
+            with self.app.pool.connection() as conn, database_errors(), conn.transaction():
                 if not partitioning.is_partitioned(conn, self.app.schema):
                     return None
                 done = partitioning.archive_and_drop(
@@ -443,15 +444,3 @@ class Admin:
     def queues(self) -> list[dict[str, Any]]:
         """Every queue with jobs or settings: paused flag, waiting, running and dead."""
         return self._rows("list_queues")
-
-
-@contextlib.contextmanager
-def _database_errors() -> Iterator[None]:
-    """A failing statement as a one-line DatabaseError (schema errors are turned into
-    SchemaNotReadyError first, by schema_errors)."""
-    try:
-        yield
-    except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
-        raise
-    except psycopg.Error as exc:
-        raise DatabaseError(" ".join(str(exc).split()), exc.sqlstate) from exc

@@ -163,6 +163,10 @@ def migrate_partition(
     undo: Annotated[
         bool, typer.Option("--undo", help="Back to a plain table, archived jobs included.")
     ] = False,
+    wait: Annotated[
+        float,
+        typer.Option("--wait", min=0.001, help="Seconds to wait for a table in use."),
+    ] = 60.0,
 ) -> None:
     """Partition the jobs table: finished jobs go into day partitions that retention
     drops whole. The table is locked for a moment only (catalog changes, no rewrite)."""
@@ -170,11 +174,11 @@ def migrate_partition(
 
     url, schema = state.url(), state.schema_name()
     if undo:
-        moved = partitioning.unpartition(url, schema)
+        moved = partitioning.unpartition(url, schema, wait)
         typer.echo(f"the jobs table of schema {schema!r} is a plain table ({moved} archived "
                    "job(s) brought back)")  # fmt: skip
     else:
-        partitioning.partition(url, schema)
+        partitioning.partition(url, schema, wait)
         typer.echo(f"the jobs table of schema {schema!r} is partitioned: finished jobs go "
                    "into day partitions as retention archives them")  # fmt: skip
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from typing import Any
+
+import psycopg
 
 
 class PgJobsError(Exception):
@@ -94,3 +98,15 @@ class JobFailedError(PgJobsError):
         self.error = error
         reason = f": {error.get('type')}: {error.get('message')}" if error else ""
         super().__init__(f"job {job.id} ended {job.state}{reason}")
+
+
+@contextlib.contextmanager
+def database_errors() -> Iterator[None]:
+    """A failing statement as a one-line DatabaseError (schema errors are turned into
+    SchemaNotReadyError first, by enqueue.schema_errors)."""
+    try:
+        yield
+    except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
+        raise
+    except psycopg.Error as exc:
+        raise DatabaseError(" ".join(str(exc).split()), exc.sqlstate) from exc

@@ -25,36 +25,39 @@ table.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, LiteralString
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import tuple_row
 
-from pgjobs.database import connect, libpq_url
-from pgjobs.errors import DatabaseError, SchemaNotReadyError
-from pgjobs.queries import Queries
+from pgjobs.database import behind_pooler, connect, libpq_url
+from pgjobs.errors import ConfigurationError, DatabaseError, SchemaNotReadyError, database_errors
+from pgjobs.queries import KEPT, Queries
 
 log = logging.getLogger("pgjobs.partitioning")
 
 CURRENT = "jobs_current"
 _DAY_PREFIX = "jobs_until_"
 _DAY = re.compile(rf"^{_DAY_PREFIX}(\d{{8}})$")
-# The conversion holds the jobs table's ACCESS EXCLUSIVE lock for a few catalog updates
-# only; it waits at most this long for the lock rather than queue every claim behind it.
-CONVERT_LOCK_TIMEOUT = "5s"
+# Changing the layout waits this long (seconds) for a table in use, by default: building
+# an index concurrently waits for the transactions open on the table.
+WAIT = 60.0
+# It holds the jobs table's ACCESS EXCLUSIVE lock for a few catalog updates only, and
+# waits at most this long for that lock rather than queue every claim behind it.
+CONVERT_LOCK_TIMEOUT = 5.0
 # Dropping a partition takes the parent's ACCESS EXCLUSIVE lock too: claims wait at most
 # this long once a day, and a drop that cannot get the lock is tried again next pass.
 DROP_LOCK_TIMEOUT = "1s"
 # The bound CHECK that lets jobs_current be attached without a scan under the lock.
 _BOUND = "jobs_current_bound"
-# kept_until of every job that is not archived (a time every client reads in any zone).
-KEPT = "9999-12-31 00:00+00"
 
 
 _PARTITIONED = "SELECT 1 FROM pg_catalog.pg_partitioned_table WHERE partrelid = {}"
@@ -74,22 +77,19 @@ async def is_partitioned_async(conn: psycopg.AsyncConnection[Any], schema: str) 
 
 def day_partitions(conn: psycopg.Connection[Any], schema: str) -> dict[date, str]:
     """The day partitions of ``schema.jobs``: the day their jobs' retention ends, by name."""
-    rows = _read(
-        conn,
+    query = (
         "SELECT c.relname FROM pg_catalog.pg_inherits AS i"
-        " JOIN pg_catalog.pg_class AS c ON c.oid = i.inhrelid"
-        " WHERE i.inhparent = pg_catalog.to_regclass(%s)",
-        (_qualified(schema, "jobs"),),
-    ).fetchall()
+        " JOIN pg_catalog.pg_class AS c ON c.oid = i.inhrelid WHERE i.inhparent = {}"
+    )
     days = {}
-    for (name,) in rows:
+    for (name,) in _rows(conn, query, schema):
         match = _DAY.match(name)
         if match:
             days[datetime.strptime(match.group(1), "%Y%m%d").date()] = name
     return days
 
 
-def partition(url: str, schema: str) -> None:
+def partition(url: str, schema: str, wait: float = WAIT) -> None:
     """Turn the plain jobs table of ``schema`` into a partitioned one (see the module).
 
     Long work happens before the lock, without blocking writes: a CHECK proving every row
@@ -97,8 +97,10 @@ def partition(url: str, schema: str) -> None:
     the partitioned primary key needs is built concurrently. Then one short transaction
     renames the table to ``jobs_current``, creates the partitioned ``jobs`` over it
     (indexes, defaults, grants and the id sequence carried over) and repoints the views.
+    Every step waits at most ``wait`` seconds for a lock, the short one at most
+    CONVERT_LOCK_TIMEOUT; a conversion that gives up leaves the table as it was.
     """
-    with _connection(url) as conn:
+    with _connection(url, wait) as conn:
         _require_plain(conn, schema)
         if not _has_constraint(conn, schema, _BOUND):
             _ddl(conn, schema, "ALTER TABLE {s}.jobs ADD CONSTRAINT {bound} "
@@ -110,17 +112,17 @@ def partition(url: str, schema: str) -> None:
         _ddl(conn, schema, "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS jobs_current_id_idx "
              "ON {s}.jobs (id, kept_until)")  # fmt: skip
         with conn.transaction():
-            _convert(conn, schema)
+            _convert(conn, schema, wait)
     log.info("the jobs table of schema %s is partitioned", schema)
 
 
-def unpartition(url: str, schema: str) -> int:
+def unpartition(url: str, schema: str, wait: float = WAIT) -> int:
     """Turn the partitioned jobs table of ``schema`` back into a plain table: every
     archived job comes back (returns how many), the day partitions are dropped."""
-    with _connection(url) as conn, conn.transaction():
+    with _connection(url, wait) as conn, conn.transaction():
         if not is_partitioned(conn, schema):
             raise DatabaseError(f"the jobs table of schema {schema!r} is not partitioned")
-        _lock(conn, schema)
+        _lock(conn, schema, wait)
         moved = _ddl(conn, schema, "UPDATE {s}.jobs SET kept_until = {kept} "
                      "WHERE kept_until <> {kept}", kept=_KEPT)  # fmt: skip
         views = _dependent_views(conn, schema)
@@ -209,8 +211,8 @@ def _drop_day(conn: psycopg.Connection[Any], schema: str, name: str) -> int:
     return 1
 
 
-def _convert(conn: psycopg.Connection[Any], schema: str) -> None:
-    _lock(conn, schema)
+def _convert(conn: psycopg.Connection[Any], schema: str, wait: float) -> None:
+    _lock(conn, schema, wait)
     _require_plain(conn, schema)
     views = _dependent_views(conn, schema)
     indexes = [
@@ -279,16 +281,34 @@ def _ddl(conn: psycopg.Connection[Any], schema: str, statement: LiteralString, *
     return conn.execute(sql.SQL(statement).format(s=sql.Identifier(schema), **composed)).rowcount
 
 
-def _connection(url: str) -> psycopg.Connection[Any]:
-    try:
-        conn = connect(libpq_url(url), autocommit=True)
-    except psycopg.Error as exc:
-        raise DatabaseError(f"could not connect: {exc}") from exc
-    return conn
+@contextlib.contextmanager
+def _connection(url: str, wait: float) -> Iterator[psycopg.Connection[Any]]:
+    """A direct connection whose every statement waits at most ``wait`` seconds for a
+    lock; errors as one line, a table in use for longer said so."""
+    if behind_pooler(url):
+        raise ConfigurationError(
+            "changing the jobs table's layout needs a direct URL of the server, not one "
+            "through a transaction pooler (--database-url)"
+        )
+    params = conninfo_to_dict(libpq_url(url))
+    params["options"] = f"{params.get('options') or ''} -c lock_timeout={round(wait * 1000)}"
+    with connect(make_conninfo("", **params), autocommit=True) as conn:
+        try:
+            with database_errors():
+                yield conn
+        except DatabaseError as exc:
+            if exc.sqlstate != "55P03":  # lock_not_available
+                raise
+            raise DatabaseError(
+                f"the jobs table was in use for more than {wait:g} s (a long transaction?) "
+                "and is as it was: try again, or wait longer (--wait)",
+                exc.sqlstate,
+            ) from exc
 
 
-def _lock(conn: psycopg.Connection[Any], schema: str) -> None:
-    conn.execute("SELECT pg_catalog.set_config('lock_timeout', %s, true)", (CONVERT_LOCK_TIMEOUT,))
+def _lock(conn: psycopg.Connection[Any], schema: str, wait: float) -> None:
+    timeout = f"{round(min(wait, CONVERT_LOCK_TIMEOUT) * 1000)}ms"
+    conn.execute("SELECT pg_catalog.set_config('lock_timeout', %s, true)", (timeout,))
     # Fully qualified view and index definitions, whatever the caller's search_path.
     conn.execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog', true)")
     _ddl(conn, schema, "LOCK TABLE {s}.jobs IN ACCESS EXCLUSIVE MODE")
@@ -329,38 +349,47 @@ def _read(conn: psycopg.Connection[Any], query: Any, params: Any = None) -> Any:
     return conn.cursor(row_factory=tuple_row).execute(query, params)
 
 
+def _rows(
+    conn: psycopg.Connection[Any],
+    query: LiteralString,
+    schema: str,
+    name: str = "jobs",
+    *more: Any,
+) -> list[tuple[Any, ...]]:
+    """The rows of ``query``, whose ``{}`` is the relation ``schema.name``."""
+    statement = query.replace("{}", "pg_catalog.to_regclass(%s)")
+    rows: list[tuple[Any, ...]] = _read(
+        conn, statement, (_qualified(schema, name), *more)
+    ).fetchall()
+    return rows
+
+
 def _one(
     conn: psycopg.Connection[Any], query: LiteralString, schema: str, name: str, *more: Any
 ) -> Any:
-    """The first column of the first row of ``query``, whose ``{}`` is the relation
-    ``schema.name`` (None: no row)."""
-    statement = query.replace("{}", "pg_catalog.to_regclass(%s)")
-    row = _read(conn, statement, (_qualified(schema, name), *more)).fetchone()
-    return None if row is None else row[0]
+    """The first column of the first row of ``query`` (see :func:`_rows`); None: no row."""
+    rows = _rows(conn, query, schema, name, *more)
+    return rows[0][0] if rows else None
 
 
 def _indexes(conn: psycopg.Connection[Any], schema: str) -> list[tuple[str, str]]:
-    rows = _read(
-        conn,
+    query = (
         "SELECT c.relname, pg_catalog.pg_get_indexdef(i.indexrelid)"
         " FROM pg_catalog.pg_index AS i JOIN pg_catalog.pg_class AS c ON c.oid = i.indexrelid"
-        " WHERE i.indrelid = pg_catalog.to_regclass(%s) ORDER BY c.relname",
-        (_qualified(schema, "jobs"),),
-    ).fetchall()
-    return [(name, definition) for name, definition in rows]
+        " WHERE i.indrelid = {} ORDER BY c.relname"
+    )
+    return [(name, definition) for name, definition in _rows(conn, query, schema)]
 
 
 def _dependent_views(conn: psycopg.Connection[Any], schema: str) -> list[tuple[str, str]]:
-    rows = _read(
-        conn,
+    query = (
         "SELECT DISTINCT v.oid::regclass::text, pg_catalog.pg_get_viewdef(v.oid)"
         " FROM pg_catalog.pg_depend AS d"
         " JOIN pg_catalog.pg_rewrite AS r ON r.oid = d.objid"
         " JOIN pg_catalog.pg_class AS v ON v.oid = r.ev_class"
-        " WHERE d.refobjid = pg_catalog.to_regclass(%s) AND v.relkind = 'v'",
-        (_qualified(schema, "jobs"),),
-    ).fetchall()
-    return [(name, definition) for name, definition in rows]
+        " WHERE d.refobjid = {} AND v.relkind = 'v'"
+    )
+    return [(name, definition) for name, definition in _rows(conn, query, schema)]
 
 
 def _repoint_views(conn: psycopg.Connection[Any], views: list[tuple[str, str]]) -> None:
@@ -376,16 +405,14 @@ def _repoint_views(conn: psycopg.Connection[Any], views: list[tuple[str, str]]) 
 
 
 def _grants(conn: psycopg.Connection[Any], schema: str) -> list[tuple[sql.Composable, str]]:
-    rows = _read(
-        conn,
+    query = (
         "SELECT a.grantee = 0, pg_catalog.pg_get_userbyid(a.grantee), a.privilege_type"
         " FROM pg_catalog.pg_class AS c, pg_catalog.aclexplode(c.relacl) AS a"
-        " WHERE c.oid = pg_catalog.to_regclass(%s) AND a.grantee <> c.relowner",
-        (_qualified(schema, "jobs"),),
-    ).fetchall()
+        " WHERE c.oid = {} AND a.grantee <> c.relowner"
+    )
     return [
         (sql.SQL("PUBLIC") if public else sql.Identifier(role), privilege)
-        for public, role, privilege in rows
+        for public, role, privilege in _rows(conn, query, schema)
         if privilege in _PRIVILEGES
     ]
 

@@ -45,8 +45,10 @@ def _compact(body: str) -> str:
     return "\n".join(line for line in lines if line and not line.startswith("--"))
 
 
-# kept_until of the jobs in jobs_current, the partition of every job not archived.
-_CURRENT = "kept_until = '9999-12-31 00:00+00'"
+# kept_until of every job not archived (in jobs_current, when the jobs table is
+# partitioned): a time every client reads in any time zone, which 'infinity' is not.
+KEPT = "9999-12-31 00:00+00"
+_CURRENT = f"kept_until = '{KEPT}'"
 
 
 def _current_only(body: str, partitioned: bool) -> str:

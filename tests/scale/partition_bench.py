@@ -25,7 +25,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgjobs import migrate, partitioning
-from pgjobs.queries import Queries
+from pgjobs.queries import KEPT, Queries
 from pgjobs.worker_db import worker_conninfo
 
 QUEUE = "bench"
@@ -83,7 +83,7 @@ def _measure(url: str, layout: str, finished: int, backlog: int, claims: int) ->
 def _fill(conn: psycopg.Connection[Any], layout: str, finished: int, backlog: int) -> None:
     # Finished jobs spread over the last day; on a partitioned table they are where
     # retention would have archived them (kept_until = finished_at + 1 day).
-    kept = "f + interval '1 day'" if layout == "partitioned" else f"'{partitioning.KEPT}'"
+    kept = "f + interval '1 day'" if layout == "partitioned" else f"'{KEPT}'"
     if layout == "partitioned":
         # The day partitions such jobs land in, made as the retention pass makes them.
         with conn.transaction():

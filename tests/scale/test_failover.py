@@ -249,10 +249,8 @@ def test_the_next_enqueue_after_a_failover_reaches_the_new_primary(
     ids = [_enqueue(i) for i in range(1, 11)]
     elapsed = time.monotonic() - began
     with failover_app.pool.connection() as conn:
-        assert conn.info.port == pair.standby.port
-        assert scalar(conn, "SELECT count(*) FROM pgjobs.jobs WHERE id = ANY(%s)", (ids,)) == 10
-    assert elapsed < 5, f"10 enqueues after the failover took {elapsed:.1f} s"
-    print(f"\nfailover: 10 enqueues right after it took {elapsed * 1000:.0f} ms")
+        port = conn.info.port
+    _reached_the_new_primary(pair, url, ids, elapsed, port)
 
 
 def test_the_next_async_enqueue_after_a_failover_reaches_the_new_primary(
@@ -278,7 +276,14 @@ def test_the_next_async_enqueue_after_a_failover_reaches_the_new_primary(
         await failover_app.aclose()
         return ids, elapsed, port
 
-    ids, elapsed, port = asyncio.run(scenario())
+    _reached_the_new_primary(pair, url, *asyncio.run(scenario()))
+
+
+def _reached_the_new_primary(
+    pair: standby.Pair, url: str, ids: list[int], elapsed: float, port: int
+) -> None:
+    """The pool's connection is to the promoted standby, which has the 10 jobs, enqueued
+    without a wait for dead connections."""
     assert port == pair.standby.port
     with psycopg.connect(url, autocommit=True) as conn:
         assert scalar(conn, "SELECT count(*) FROM pgjobs.jobs WHERE id = ANY(%s)", (ids,)) == 10

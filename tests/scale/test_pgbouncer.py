@@ -263,3 +263,19 @@ def _server_sessions(conn: psycopg.Connection[Any]) -> int:
             "WHERE datname = current_database() AND application_name LIKE 'pgjobs-%'",
         )
     )
+
+
+def test_changing_the_table_layout_through_pgbouncer_asks_for_a_direct_url(
+    pooled_url: str, conn: psycopg.Connection[Any]
+) -> None:
+    from typer.testing import CliRunner
+
+    from pgjobs.cli import cli
+
+    result = CliRunner().invoke(cli, ["--database-url", pooled_url, "migrate", "partition"])
+    assert result.exit_code == 1
+    assert "needs a direct URL" in result.stderr, result.stderr
+    partitioned = (
+        "SELECT count(*) FROM pg_partitioned_table WHERE partrelid = 'pgjobs.jobs'::regclass"
+    )
+    assert scalar(conn, partitioned) == 0

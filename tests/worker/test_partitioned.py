@@ -54,14 +54,16 @@ def app(db_url: str) -> Iterator[pgjobs.App]:
 
 
 @pytest.fixture
-def partitioned(db_url: str, conn: psycopg.Connection[Any]) -> str:
+def partitioned(direct_db_url: str, conn: psycopg.Connection[Any]) -> str:
+    """This test's database, partitioned; its direct URL (layout changes refuse a
+    pooler)."""
     if not partitioning.is_partitioned(conn, "pgjobs"):
-        _cli(db_url, "migrate", "partition")
-    return db_url
+        _cli(direct_db_url, "migrate", "partition")
+    return direct_db_url
 
 
 def test_partition_converts_in_place_and_loses_nothing(
-    db_url: str, app: pgjobs.App, conn: psycopg.Connection[Any]
+    direct_db_url: str, app: pgjobs.App, conn: psycopg.Connection[Any]
 ) -> None:
     if partitioning.is_partitioned(conn, "pgjobs"):
         pytest.skip("the suite runs on a partitioned table already")
@@ -73,7 +75,7 @@ def test_partition_converts_in_place_and_loses_nothing(
     conn.execute("CREATE VIEW public.app_job_count AS SELECT count(*) AS n FROM pgjobs.jobs")
     rows_before = conn.execute("SELECT * FROM pgjobs.jobs ORDER BY id").fetchall()
 
-    out = _cli(db_url, "migrate", "partition")
+    out = _cli(direct_db_url, "migrate", "partition")
 
     assert "partitioned" in out
     assert partitioning.is_partitioned(conn, "pgjobs")
@@ -92,7 +94,7 @@ def test_partition_converts_in_place_and_loses_nothing(
     # Unique keys still deduplicate, through the partitioned table's index.
     assert app.enqueue("t.task", {"n": 1}, unique_key="k1") == keyed
     # Twice is refused with a clear message, and changes nothing.
-    result = CliRunner().invoke(cli, ["--database-url", db_url, "migrate", "partition"])
+    result = CliRunner().invoke(cli, ["--database-url", direct_db_url, "migrate", "partition"])
     assert result.exit_code == 1
     assert "partitioned already" in result.stderr
 
@@ -238,3 +240,24 @@ def test_the_hot_statements_read_jobs_current_alone(
         explain = sql.SQL("EXPLAIN (FORMAT JSON) ") + getattr(queries, name)
         plan = json.dumps(conn.execute(explain, {**common, **params}).fetchone())
         assert "jobs_current" in plan and "jobs_until_" not in plan, (name, plan)
+
+
+def test_a_table_in_use_is_left_plain_with_a_one_line_error_and_converts_later(
+    db_url: str, direct_db_url: str, conn: psycopg.Connection[Any]
+) -> None:
+    if partitioning.is_partitioned(conn, "pgjobs"):
+        pytest.skip("the suite runs on a partitioned table already")
+    job = add_job(conn, state="available")
+    # A transaction that read the table and stays open: the conversion's lock waits for it
+    # no longer than its lock timeout, and then gives up, changing nothing.
+    with psycopg.connect(direct_db_url) as reader:
+        reader.execute("SELECT count(*) FROM pgjobs.jobs").fetchone()
+        result = CliRunner().invoke(
+            cli, ["--database-url", direct_db_url, "migrate", "partition", "--wait", "1"]
+        )
+        assert result.exit_code == 1, result.stdout
+        assert "in use for more than 1 s" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert not partitioning.is_partitioned(conn, "pgjobs")
+    _cli(direct_db_url, "migrate", "partition")
+    assert _where(conn, job) == "jobs_current"
